@@ -1,0 +1,332 @@
+"""Build a TFDS dataset folder from WFDB records: list -> split -> plan shards -> convert -> finish.
+
+Resumable: the output folder keeps ``.clef_prep_work/manifest.json`` (the settings and their
+fingerprint) and one result JSON per finished shard. A rerun with the same settings skips
+finished shards; with different settings it refuses unless ``overwrite=True``. Shards are
+written under a temporary name and renamed when complete, so an interrupted run never leaves a
+half shard under a final name.
+
+Deterministic: what goes into each shard is decided before any record is read (records of a
+split sorted by ID, cut into ``shard_size`` chunks), so the shards are byte-identical for
+any number of workers (``--workers``) and on the Beam path. Only timings differ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+
+from data_prep import reporting
+from data_prep.convert import ConvertSettings
+from data_prep.metadata import MetadataTable
+from data_prep.signals import PreprocessConfig
+from data_prep.sources import SourceListing, list_source
+from data_prep.splits import SPLITS, SplitSettings, assign_splits, select_one_per_patient
+from data_prep.tfds_writer import is_shard_name
+from data_prep.units import WORK_DIR, Unit, load_unit_result, run_unit, warm_up
+
+MANIFEST = "manifest.json"
+OUR_FILES = ("dataset_info.json", "features.json", "metadata.json", "clef_prep.json",
+             reporting.REPORT, reporting.REJECTS, reporting.PROBLEMS)
+
+
+class BuildError(ValueError):
+    """A problem with the build as a whole (bad option, unusable output folder, ...)."""
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    """Everything a build needs. Fields after ``workers`` do not change the output."""
+
+    source: str
+    input_dir: str
+    output_dir: str
+    metadata_csv: str | None = None
+    limit: int | None = None
+    window_policy: str = "first"
+    short_policy: str = "pad"
+    one_per_patient: bool = True
+    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    split_method: str = "hash"
+    seed: int = 0
+    region: str = "moderate"
+    impute_risk: str = "none"
+    bad_metadata: str = "nan"
+    shard_size: int = 1000
+    workers: int = 1
+    overwrite: bool = False
+    progress: bool = True
+
+    def preprocess_config(self) -> PreprocessConfig:
+        return PreprocessConfig(window_policy=self.window_policy, short_policy=self.short_policy)
+
+    def split_settings(self) -> SplitSettings:
+        return SplitSettings(fractions=tuple(self.split_fractions), seed=self.seed,
+                             method=self.split_method, one_per_patient=self.one_per_patient)
+
+    def convert_settings(self) -> ConvertSettings:
+        return ConvertSettings(preprocess=self.preprocess_config().to_dict(), region=self.region,
+                               impute=self.impute_risk, bad_metadata=self.bad_metadata)
+
+
+def output_settings(settings: BuildSettings) -> dict:
+    """The settings that decide the output, JSON-ready; their hash is the build fingerprint."""
+    config = settings.preprocess_config()
+    csv = settings.metadata_csv
+    return {
+        "source": settings.source,
+        "input_dir": os.path.realpath(settings.input_dir),
+        "metadata_csv": None if csv is None else {"path": os.path.realpath(csv),
+                                                  "sha256": _file_sha256(csv)},
+        "limit": settings.limit,
+        "preprocess": {"config": config.to_dict(), "fingerprint": config.fingerprint()},
+        "splits": settings.split_settings().to_dict(),
+        "risk": {"region": settings.region, "impute": settings.impute_risk},
+        "bad_metadata": settings.bad_metadata,
+        "shard_size": settings.shard_size,
+    }
+
+
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint(settings_dict: dict) -> str:
+    blob = json.dumps(settings_dict, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------- planning
+
+@dataclass
+class Plan:
+    listing: SourceListing
+    not_selected: int
+    units: list[Unit]
+    table: MetadataTable | None
+    settings: dict
+    fingerprint: str
+
+
+def plan_units(settings: BuildSettings, listing: SourceListing | None = None) -> Plan:
+    """List the input (unless ``listing`` is given), select, split, and cut into shard units."""
+    if settings.shard_size < 1:
+        raise BuildError(f"--shard-size {settings.shard_size}: must be at least 1")
+    if settings.metadata_csv is not None and not os.path.isfile(settings.metadata_csv):
+        raise BuildError(f"--metadata {settings.metadata_csv}: no such file")
+    out_settings = output_settings(settings)
+    fp = fingerprint(out_settings)
+    check_output(settings, out_settings, fp)  # fail fast, before listing a large input
+    table = None
+    if settings.metadata_csv is not None:
+        table = MetadataTable.from_csv(settings.metadata_csv, region=settings.region,
+                                       impute=None if settings.impute_risk == "none"
+                                       else settings.impute_risk)
+    if listing is None:
+        listing = list_source(settings.source, settings.input_dir, limit=settings.limit,
+                              metadata_csv=settings.metadata_csv)
+    records = listing.records
+    not_selected = 0
+    if settings.one_per_patient:
+        records, dropped = select_one_per_patient(records)
+        not_selected = len(dropped)
+    by_split = assign_splits(records, settings.split_settings())
+    units: list[Unit] = []
+    for split in SPLITS:
+        recs = by_split[split]
+        chunks = [recs[i:i + settings.shard_size] for i in range(0, len(recs), settings.shard_size)]
+        chunks = chunks or [[]]  # an empty split still gets one (empty) shard: TFDS lists it
+        for index, chunk in enumerate(chunks):
+            items = [(r, table.get(r.record_id, r.subject_id) if table else None) for r in chunk]
+            key = hashlib.sha256(json.dumps(
+                [fp, split, index, len(chunks)] + [[r.record_id, r.subject_id, r.path, r.labels,
+                                                   r.extra] for r in chunk],
+                sort_keys=True, default=str).encode()).hexdigest()[:24]
+            units.append(Unit(split, index, len(chunks), items, key))
+    return Plan(listing, not_selected, units, table, out_settings, fp)
+
+
+# ------------------------------------------------------------------------- output folder state
+
+def check_output(settings: BuildSettings, out_settings: dict, fp: str) -> bool:
+    """Whether the output folder must be cleaned first; BuildError if it may not be used.
+
+    Writes nothing, so it runs before the (possibly long) listing of the input.
+    """
+    out = settings.output_dir
+    manifest_path = os.path.join(out, WORK_DIR, MANIFEST)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise BuildError(f"--output {out}: exists and is not a directory")
+    if os.path.isfile(manifest_path):
+        with open(manifest_path, encoding="utf-8") as fh:
+            old = json.load(fh)
+        if old.get("fingerprint") == fp:
+            return False
+        if not settings.overwrite:
+            changed = _diff(old.get("settings", {}), out_settings)
+            raise BuildError(f"--output {out}: was built with different settings "
+                             f"({changed}); pass --overwrite to rebuild it")
+        return True
+    if os.path.isdir(out) and os.listdir(out):
+        raise BuildError(f"--output {out}: directory is not empty and holds no data_prep build; "
+                         "choose a new or empty folder")
+    return False
+
+
+def prepare_output(settings: BuildSettings, plan: Plan) -> None:
+    """Create or check the output folder: resume, refuse, or (with overwrite) clean it."""
+    out = settings.output_dir
+    work = os.path.join(out, WORK_DIR)
+    manifest_path = os.path.join(work, MANIFEST)
+    if check_output(settings, plan.settings, plan.fingerprint):
+        clean_output(out)
+    os.makedirs(os.path.join(work, "units"), exist_ok=True)
+    for name in os.listdir(out):  # leftovers of an interrupted run: never complete, never used
+        if ".tmp-" in name and (is_shard_name(name) or name.split(".tmp-")[0] in OUR_FILES):
+            os.remove(os.path.join(out, name))
+    reporting.write_json(manifest_path, {"fingerprint": plan.fingerprint,
+                                         "settings": plan.settings})
+
+
+def _diff(old: dict, new: dict, prefix: str = "") -> str:
+    parts = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            sub = _diff(a, b, f"{prefix}{key}.")
+            if sub:
+                parts.append(sub)
+        elif a != b:
+            parts.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return "; ".join(parts)
+
+
+def clean_output(out: str) -> None:
+    """Remove only what a build writes (shards, metadata, reports, work folder)."""
+    for name in os.listdir(out):
+        if is_shard_name(name) or name in OUR_FILES:
+            os.remove(os.path.join(out, name))
+    shutil.rmtree(os.path.join(out, WORK_DIR), ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------- execution
+
+def _init_worker(counter, convert_settings: ConvertSettings) -> None:
+    global _PROGRESS
+    _PROGRESS = counter
+    warm_up(convert_settings)  # import TensorFlow before the first unit, not during it
+
+
+_PROGRESS = None
+
+
+def _run_unit_in_worker(args: tuple) -> dict:
+    unit, out_dir, convert_settings = args
+    return run_unit(unit, out_dir, convert_settings, progress=_PROGRESS)
+
+
+def run_units(units: list[Unit], out_dir: str, convert_settings: ConvertSettings, workers: int,
+              progress: bool) -> list[dict]:
+    """Run the units (in-process for one worker, else a spawn pool); results in plan order."""
+    total = sum(len(u.items) for u in units)
+    bar = _progress_bar(total, progress)
+    results: dict[str, dict] = {}
+    if workers <= 1 or len(units) <= 1:
+        counter = _LocalCounter(bar)
+        for unit in units:
+            results[unit.name] = run_unit(unit, out_dir, convert_settings, progress=counter)
+    else:
+        ctx = multiprocessing.get_context("spawn")  # fork + TensorFlow threads can deadlock
+        counter = ctx.Value("q", 0)
+        with ctx.Pool(min(workers, len(units)), initializer=_init_worker,
+                      initargs=(counter, convert_settings)) as pool:
+            it = pool.imap_unordered(_run_unit_in_worker,
+                                     [(u, out_dir, convert_settings) for u in units])
+            pending = len(units)
+            while pending:
+                try:
+                    res = it.next(timeout=0.5)
+                except multiprocessing.TimeoutError:
+                    res = None
+                if res is not None:
+                    results[f"{res['split']}-{res['index']:05d}-of-{res['num_shards']:05d}"] = res
+                    pending -= 1
+                if bar is not None:
+                    bar.n = counter.value
+                    bar.refresh()
+    if bar is not None:
+        bar.close()
+    return [results[u.name] for u in units]
+
+
+class _LocalCounter:
+    """In-process stand-in for the shared counter: same interface, moves the bar directly."""
+
+    def __init__(self, bar):
+        self.value, self._bar = 0, bar
+
+    def get_lock(self):
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self._bar is not None:
+            self._bar.n = self.value
+            self._bar.refresh()
+        return False
+
+
+def _progress_bar(total: int, enabled: bool):
+    if not enabled or total == 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="rec", desc="data_prep", file=sys.stderr, mininterval=0.5)
+
+
+def run_timings(t_plan: float, t_convert: float, todo: list[Unit], fresh: list[dict],
+                n_skipped: int, workers: int) -> dict:
+    """Timings of this run; ``records_per_cpu_s`` is records per CPU-second in the workers."""
+    n = sum(len(u.items) for u in todo)
+    cpu = sum(r.get("cpu_s", 0.0) for r in fresh)
+    return {"plan_s": t_plan, "convert_s": t_convert, "records_converted_this_run": n,
+            "worker_busy_s": sum(r.get("seconds", 0.0) for r in fresh), "worker_cpu_s": cpu, "records_per_cpu_s": n / cpu if cpu > 0 else None,
+            "units_skipped": n_skipped, "units_run": len(todo), "workers": workers}
+
+
+def build(settings: BuildSettings, listing: SourceListing | None = None) -> dict:
+    """Run a whole build; returns the report (also written to ``OUT/prep_report.json``)."""
+    t0 = time.perf_counter()
+    plan = plan_units(settings, listing)
+    t_plan = time.perf_counter() - t0
+    prepare_output(settings, plan)
+    done = {u.name: r for u in plan.units if (r := load_unit_result(settings.output_dir, u))}
+    todo = [u for u in plan.units if u.name not in done]
+    if todo and (settings.workers <= 1 or len(todo) <= 1):
+        warm_up(settings.convert_settings())  # in-process: the TF import is not conversion time
+    t1 = time.perf_counter()
+    fresh = run_units(todo, settings.output_dir, settings.convert_settings(), settings.workers,
+                      settings.progress)
+    t_convert = time.perf_counter() - t1
+    timings = run_timings(t_plan, t_convert, todo, fresh, len(done), settings.workers)
+    results = [done.get(u.name) or fresh.pop(0) for u in plan.units]
+    t2 = time.perf_counter()
+    report = reporting.finish(settings.output_dir, plan, results, timings,
+                              dataclasses.asdict(settings))
+    report["timings"]["finish_s"] = time.perf_counter() - t2
+    report["timings"]["total_s"] = time.perf_counter() - t0
+    reporting.write_json(os.path.join(settings.output_dir, reporting.REPORT), report)
+    return report

@@ -136,6 +136,10 @@ def _parse_signal_line(line: str, index: int, hea: Path) -> _Signal:
         baseline = ints[1] if len(ints) > 1 else 0
     if not np.isfinite(gain):
         raise RecordError(hea, f"non-finite gain in {line!r}", "bad_header")
+    # WFDB signal files live beside their header; a path here could read outside the input.
+    if "/" in parts[0] or "\\" in parts[0] or parts[0] in (".", ".."):
+        raise RecordError(hea, f"signal file name {parts[0]!r} is not a plain file name",
+                          "bad_header")
     return _Signal(
         file_name=parts[0], fmt=fmt, spf=int(spf or 1), skew=int(skew or 0),
         byte_offset=int(offset or 0), gain=gain, baseline=baseline, units=units,

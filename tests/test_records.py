@@ -270,6 +270,10 @@ def test_header_problems(tmp_path):
     expect_error(base, "unknown_format", "unknown signal format 999")
     hea.write_text(good.replace("00001_hr 12 500 5000", "00001_hr 12 500 0"))
     expect_error(base, "empty_signal", "0 samples")
+    # A signal file named with a path could make the reader open files outside the input.
+    (tmp_path.parent / "outside.dat").write_bytes((base.with_suffix(".dat")).read_bytes())
+    hea.write_text(good.replace("00001_hr.dat", "../outside.dat"))
+    expect_error(base, "bad_header", "not a plain file name")
 
 
 def test_zero_gain_on_ecg_record(tmp_path):

@@ -1,0 +1,220 @@
+"""Orbax checkpoints: the full train state for resume, and model weights for reuse.
+
+Layout of a checkpoint directory (a training `--workdir`'s `checkpoints/`, or the output of
+`save_pretrained`):
+
+    <dir>/<step>/model      NNX state of the ContrastiveModel (backbone, heads, target, queue)
+    <dir>/<step>/optimizer  NNX state of the optimiser (absent in pretrained exports)
+    <dir>/<step>/meta       JSON: step, model spec, method, data position, config, checksum
+
+Saves are asynchronous and atomic (Orbax writes to a temporary name and renames when done),
+so a crash mid-save leaves the previous step intact; a step that is present but unreadable
+is skipped on resume with a warning. Restores take target shardings, so a checkpoint written
+on one mesh restores onto any other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import hashlib
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+log = logging.getLogger(__name__)
+
+FORMAT = "clef_jax/1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read; the message names the directory."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """What is needed to rebuild a backbone: registry name, size, input channels."""
+
+    name: str
+    size: str
+    in_channels: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def checkpoint_dir(path: str | Path) -> Path:
+    """Accept a training workdir (uses its `checkpoints/`) or a checkpoint directory."""
+    path = Path(path).expanduser().resolve()
+    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
+
+
+def make_manager(directory: str | Path, *, max_to_keep: int | None = 3,
+                 async_save: bool = True, create: bool = True) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=create, enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True)
+    return ocp.CheckpointManager(Path(directory).resolve(), options=options,
+                                 item_names=("model", "optimizer", "meta"))
+
+
+def weights_checksum(state: Any) -> str:
+    """SHA-256 over every leaf's path, dtype, shape and bytes (host order)."""
+    digest = hashlib.sha256()
+    leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+    for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
+        arr = np.asarray(jax.device_get(leaf))
+        digest.update(jax.tree_util.keystr(path).encode())
+        digest.update(f"{arr.dtype.str}{arr.shape}".encode())
+        digest.update(np.ascontiguousarray(arr).tobytes())
+    return digest.hexdigest()
+
+
+def save(manager: ocp.CheckpointManager, step: int, *, model_state: Any,
+         optimizer_state: Any | None, meta: Mapping[str, Any], force: bool = False) -> bool:
+    """Start an (async) save; disk-full and other I/O errors become one CheckpointError."""
+    items = {"model": ocp.args.StandardSave(model_state),
+             "meta": ocp.args.JsonSave(dict(meta, format=FORMAT, step=int(step)))}
+    if optimizer_state is not None:
+        items["optimizer"] = ocp.args.StandardSave(optimizer_state)
+    try:
+        return manager.save(step, args=ocp.args.Composite(**items), force=force)
+    except OSError as e:
+        raise _io_error(manager, step, e) from e
+
+
+def wait(manager: ocp.CheckpointManager) -> None:
+    """Block until async saves are durable (raises CheckpointError on failure)."""
+    try:
+        manager.wait_until_finished()
+    except OSError as e:
+        raise _io_error(manager, None, e) from e
+
+
+def _io_error(manager: ocp.CheckpointManager, step: int | None, e: OSError) -> CheckpointError:
+    where = f"{manager.directory}" + (f" (step {step})" if step is not None else "")
+    if e.errno == errno.ENOSPC:
+        return CheckpointError(f"checkpoint save failed: no space left on device in {where}; "
+                               "earlier checkpoints are intact")
+    return CheckpointError(f"checkpoint save failed in {where}: {e}")
+
+
+def read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+    restored = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(restored["meta"])
+
+
+def restore_latest(manager: ocp.CheckpointManager, *, model_target: Any,
+                   optimizer_target: Any) -> tuple[int, Any, Any, dict[str, Any]] | None:
+    """Restore the newest readable step onto the given abstract targets (with shardings).
+
+    Returns (step, model_state, optimizer_state, meta), or None when there is no checkpoint.
+    Unreadable (half-written or damaged) steps are skipped with a warning.
+    """
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(
+                model=ocp.args.StandardRestore(model_target),
+                optimizer=ocp.args.StandardRestore(optimizer_target),
+                meta=ocp.args.JsonRestore()))
+        except Exception as e:  # noqa: BLE001 - any failure means "not a usable step"
+            log.warning("skipping unreadable checkpoint step %d in %s: %s",
+                        step, manager.directory, str(e).splitlines()[0][:300])
+            continue
+        return step, restored["model"], restored["optimizer"], dict(restored["meta"])
+    return None
+
+
+def _newest_step(directory: Path, step: int | None) -> tuple[ocp.CheckpointManager, int]:
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: no such checkpoint directory")
+    manager = make_manager(directory, max_to_keep=None, async_save=False, create=False)
+    steps = sorted(manager.all_steps())
+    if not steps:
+        raise CheckpointError(f"{directory}: contains no complete checkpoint")
+    if step is None:
+        return manager, steps[-1]
+    if step not in steps:
+        raise CheckpointError(f"{directory}: no step {step}; available: {steps}")
+    return manager, step
+
+
+def load_model_state(directory: str | Path, *, step: int | None = None
+                     ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Model variables as a nested dict of host arrays, plus the meta JSON (any mesh)."""
+    manager, step = _newest_step(checkpoint_dir(directory), step)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        model=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+    model = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), restored["model"])
+    return model, dict(restored["meta"])
+
+
+def save_pretrained(directory: str | Path, backbone: nnx.Module, *, spec: ModelSpec,
+                    step: int = 0, metadata: Mapping[str, Any] | None = None) -> Path:
+    """Write a weights-only checkpoint (no optimiser) that `init_from` and evaluation load.
+
+    The backbone sits at the same path as in a training run (`online/backbone`), so a
+    pretrained directory and a training workdir are interchangeable for loading.
+    """
+    directory = Path(directory).expanduser().resolve()
+    state = {"online": {"backbone": nnx.state(backbone).to_pure_dict()}}
+    meta = {"model": spec.to_dict(), "weights_sha256": weights_checksum(state), "step": step,
+            **dict(metadata or {})}
+    manager = make_manager(directory, max_to_keep=None, async_save=False)
+    save(manager, step, model_state=state, optimizer_state=None, meta=meta, force=True)
+    wait(manager)
+    manager.close()
+    return directory
+
+
+def load_backbone(directory: str | Path, *, step: int | None = None
+                  ) -> tuple[nnx.Module, dict[str, Any]]:
+    """Rebuild the backbone stored in a workdir or pretrained directory; returns (model, meta)."""
+    from clef_jax.models import create_backbone
+
+    model_state, meta = load_model_state(directory, step=step)
+    if "model" not in meta:
+        raise CheckpointError(f"{directory}: checkpoint meta has no 'model' spec")
+    spec = ModelSpec(**meta["model"])
+    backbone = nnx.eval_shape(lambda: create_backbone(spec.name, spec.size, spec.in_channels,
+                                                      rngs=nnx.Rngs(0)))
+    assign_backbone(backbone, model_state, source=str(directory))
+    return backbone, meta
+
+
+def assign_backbone(backbone: nnx.Module, model_state: Mapping[str, Any], *, source: str) -> None:
+    """Copy `online/backbone` weights from a restored model state into `backbone`, strictly."""
+    try:
+        weights = model_state["online"]["backbone"]
+    except (KeyError, TypeError):
+        raise CheckpointError(f"{source}: checkpoint has no 'online/backbone' weights") from None
+    expected = nnx.state(backbone).to_pure_dict()
+    # Orbax returns list indices as string keys; compare paths as strings.
+    got = {_path_key(p): v for p, v in jax.tree_util.tree_flatten_with_path(weights)[0]}
+    want = {_path_key(p): v for p, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
+    missing = sorted("/".join(k) for k in want.keys() - got.keys())
+    extra = sorted("/".join(k) for k in got.keys() - want.keys())
+    wrong = sorted(f"{'/'.join(k)}: {np.shape(got[k])} != {np.shape(v)}"
+                   for k, v in want.items() if k in got and np.shape(got[k]) != np.shape(v))
+    if missing or extra or wrong:
+        lines = [f"{source}: backbone weights do not match the model"]
+        for title, items in (("missing", missing), ("unexpected", extra), ("wrong shape", wrong)):
+            if items:
+                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:10])
+                             + (" ..." if len(items) > 10 else ""))
+        raise CheckpointError("\n".join(lines))
+    values = jax.tree_util.tree_map_with_path(
+        lambda p, v: np.asarray(got[_path_key(p)], dtype=v.dtype), expected)
+    state = nnx.state(backbone)
+    state.replace_by_pure_dict(values)
+    nnx.update(backbone, state)
+
+
+def _path_key(path: Any) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)

@@ -1,0 +1,94 @@
+"""Default values of every config key; recipe files in `configs/` start from these.
+
+Every key a run may set exists here, so a misspelt override on the command line fails with
+ml_collections' error naming the key, and `validate` checks values before anything runs.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from clef_jax.data.config import default_data_config
+
+STANDARD_LEADS = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.method = "clef"  # clef | simclr | byol | moco
+    c.init_from = ""  # workdir or pretrained dir whose backbone weights start this run
+
+    c.model = ml_collections.ConfigDict(dict(
+        name="net1d", size="small", in_channels=1,
+        compute_dtype="float32",  # bfloat16 on TPU/GPU; params stay float32
+        projection_dim=0,  # 0: the loss sees backbone embeddings (reference CLEF)
+        projection_hidden_dim=0,
+    ))
+    c.loss = ml_collections.ConfigDict(dict(temperature=0.07, use_missing_mask=False))
+    c.byol = ml_collections.ConfigDict(dict(projection_dim=256, hidden_dim=1024,
+                                            ema_decay=0.996))
+    c.moco = ml_collections.ConfigDict(dict(projection_dim=128, queue_size=65536,
+                                            momentum=0.999))
+
+    c.data = default_data_config()  # keys documented in clef_jax/data/config.py
+    # Used when data.dataset_dir does not exist yet: prepare it with data_prep first.
+    c.data.prepare = ml_collections.ConfigDict(dict(source="", input="", metadata="",
+                                                    extra_args=()))
+
+    c.optim = ml_collections.ConfigDict(dict(
+        learning_rate=1e-4, weight_decay=5e-4, b1=0.9, b2=0.999, eps=1e-8,
+        schedule="cosine_warm_restarts", t0_epochs=10.0, t_mult=2.0, eta_min=1e-6,
+        interval="epoch",  # the reference steps the scheduler once per epoch
+        warmup_steps=0, grad_clip_norm=0.0,
+    ))
+    c.train = ml_collections.ConfigDict(dict(
+        global_batch_size=64, num_epochs=100, num_steps=0,  # num_steps > 0 overrides epochs
+        seed=0, log_every_steps=10,
+    ))
+    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3, async_save=True))
+    c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1), axes=("data", "fsdp")))
+    c.distributed = ml_collections.ConfigDict(dict(
+        mode="auto",  # auto | off | on
+        coordinator_address="", num_processes=0, process_id=-1, local_device_ids=(),
+        initialization_timeout_s=300,
+    ))
+    return c
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Check values (types are enforced by ml_collections); errors name the key."""
+    from clef_jax.methods import METHOD_NAMES
+    from clef_jax.models import BACKBONE_NAMES
+
+    def require(ok: bool, key: str, message: str) -> None:
+        if not ok:
+            raise ValueError(f"config.{key}: {message}")
+
+    require(c.method in METHOD_NAMES, "method",
+            f"unknown method {c.method!r}; valid: {', '.join(METHOD_NAMES)}")
+    require(c.model.name in BACKBONE_NAMES, "model.name",
+            f"unknown model {c.model.name!r}; valid: {', '.join(BACKBONE_NAMES)}")
+    require(c.model.size in ("small", "medium", "large"), "model.size",
+            f"unknown size {c.model.size!r}; valid: small, medium, large")
+    require(c.model.in_channels >= 1, "model.in_channels", "must be >= 1")
+    require(c.model.compute_dtype in ("float32", "bfloat16", "float16"), "model.compute_dtype",
+            f"{c.model.compute_dtype!r} is not one of float32, bfloat16, float16")
+    require(c.train.global_batch_size >= 1, "train.global_batch_size", "must be >= 1")
+    require(c.train.num_steps > 0 or c.train.num_epochs > 0, "train.num_epochs",
+            "set train.num_epochs or train.num_steps to a positive number")
+    require(c.train.log_every_steps >= 1, "train.log_every_steps", "must be >= 1")
+    require(c.checkpoint.every_steps >= 1, "checkpoint.every_steps", "must be >= 1")
+    require(c.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+    require(c.loss.temperature > 0, "loss.temperature", "must be positive")
+    require(0.0 <= c.data.same_lead_prob <= 1.0, "data.same_lead_prob", "must be in [0, 1]")
+    require(bool(c.data.dataset_dir), "data.dataset_dir",
+            "is empty; point it at a directory written by `python -m data_prep build`")
+    unknown = [lead for lead in c.data.leads if lead not in STANDARD_LEADS]
+    require(not unknown and len(c.data.leads) > 0, "data.leads",
+            f"unknown lead(s) {unknown}; valid: {', '.join(STANDARD_LEADS)}")
+    require(c.distributed.mode in ("auto", "on", "off"), "distributed.mode",
+            f"{c.distributed.mode!r} is not one of auto, on, off")
+    if c.method == "moco":
+        require(c.moco.queue_size % c.train.global_batch_size == 0, "moco.queue_size",
+                f"{c.moco.queue_size} must be a multiple of train.global_batch_size "
+                f"({c.train.global_batch_size})")

@@ -1,0 +1,427 @@
+"""Net1D, the CLEF backbone, in Flax NNX and bit-compatible with the released PyTorch weights.
+
+A ResNeXt-style 1-D CNN: a strided "same" convolution, then stages of bottleneck blocks
+(1x1 conv, grouped kernel-16 conv, 1x1 conv, squeeze-excitation, shortcut), Swish
+activations, no BatchNorm or dropout in the forward pass (`use_bn=False`, `use_do=False`).
+The embedding is the mean over time of the last stage. Layout is (batch, length, channels).
+
+The released state_dict also holds BatchNorm modules the forward never uses. Their affine
+weight/bias are PyTorch `nn.Parameter`s (counted in the published parameter totals, yet they
+never receive a gradient), so they live here as `InertParam` and the running statistics as
+`InertBuffer`. Neither is an `nnx.Param`: optimisers built with `wrt=nnx.Param` (and their
+weight decay) never touch them, and export writes back exactly what was loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import types
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from clef_jax.models.grouped_conv import grouped_conv1d
+
+
+@dataclasses.dataclass(frozen=True)
+class Net1DConfig:
+    """Hyper-parameters of one released Net1D size."""
+
+    size: str
+    base_filters: int
+    ratio: float
+    filter_list: tuple[int, ...]
+    m_blocks_list: tuple[int, ...]
+    groups_width: int
+    kernel_size: int = 16
+    stride: int = 2
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.filter_list[-1]
+
+
+NET1D_SIZES: Mapping[str, Net1DConfig] = types.MappingProxyType({
+    "small": Net1DConfig("small", 32, 0.5, (32, 64, 64, 128, 128, 256), (1, 1, 2, 2, 2, 2), 8),
+    "medium": Net1DConfig(
+        "medium", 64, 1.0, (64, 160, 160, 400, 400, 1024, 1024), (2, 2, 2, 3, 3, 4, 4), 16
+    ),
+    "large": Net1DConfig(
+        "large", 128, 1.5, (128, 256, 256, 512, 512, 1024, 1024, 2048, 2048),
+        (2, 3, 3, 4, 4, 5, 5, 6, 6), 32,
+    ),
+})
+
+
+def net1d_config(size: str) -> Net1DConfig:
+    """The config of a released size; ValueError naming the valid sizes otherwise."""
+    if size not in NET1D_SIZES:
+        raise ValueError(f"unknown Net1D size {size!r}; valid sizes: {', '.join(NET1D_SIZES)}")
+    return NET1D_SIZES[size]
+
+
+def same_padding(length: int, kernel_size: int, stride: int) -> tuple[int, int]:
+    """PyTorch Net1D's "same" padding: output length ceil(L / stride), extra pad on the right."""
+    out_len = -(-length // stride)
+    total = max(0, (out_len - 1) * stride + kernel_size - length)
+    return total // 2, total - total // 2
+
+
+def swish(x: jax.Array) -> jax.Array:
+    return x * jax.nn.sigmoid(x)
+
+
+def shortcut_max_pool(x: jax.Array, kernel_size: int) -> jax.Array:
+    """Max-pool (window = stride = kernel_size) of (B, L, C) after padding with ZEROS.
+
+    The reference pads by the stride-1 "same" rule (kernel_size - 1 zeros, split left/right),
+    so a negative last sample can lose to a zero pad; -inf padding would not reproduce that.
+    """
+    left, right = same_padding(x.shape[1], kernel_size, 1)
+    x = jnp.pad(x, ((0, 0), (left, right), (0, 0)))
+    n_out = (x.shape[1] - kernel_size) // kernel_size + 1  # floor, like ceil_mode=False
+    x = x[:, : n_out * kernel_size]
+    return x.reshape(x.shape[0], n_out, kernel_size, x.shape[2]).max(axis=2)
+
+
+def _abstract_f32(*shape: int) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
+def _torch_default_values(key: jax.Array, specs: tuple[tuple[tuple[int, ...], int], ...]):
+    """PyTorch's default Conv1d/Linear init: array i ~ U(+-1/sqrt(fan_in)) from fold_in(key, i).
+
+    (kaiming_uniform_(a=sqrt(5)) for weights and PyTorch's bias rule both reduce to that.)
+    Traced (jit, eval_shape, sharded init) each array is its own draw, which the SPMD
+    partitioner shards cleanly. Eagerly that would compile one threefry kernel per distinct
+    shape (tens of seconds on CPU), so each array is instead the prefix of a draw whose length
+    is rounded up to a power of two: partitionable threefry makes element j depend on the key
+    and j alone, so the numbers are the same and only a few kernels are compiled.
+    """
+    scales = [np.float32(1.0 / math.sqrt(fan_in)) for _, fan_in in specs]
+    keys = [jax.random.fold_in(key, i) for i in range(len(specs))]
+    if isinstance(key, jax.core.Tracer) or not jax.config.jax_threefry_partitionable:
+        return [_unit_uniform(k, s) * c for k, (s, _), c in zip(keys, specs, scales, strict=True)]
+    out = []
+    for k, (shape, _), c in zip(keys, specs, scales, strict=True):
+        n = math.prod(shape)
+        u = np.asarray(_unit_uniform(k, (1 << (n - 1).bit_length(),)))
+        out.append(jnp.asarray(u[:n].reshape(shape) * c))
+    return out
+
+
+def _unit_uniform(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    return jax.random.uniform(key, shape, jnp.float32, -1.0, 1.0)
+
+
+def _fill_torch_default(layers: list[SameConv | Dense], key: jax.Array) -> None:
+    variables = [v for layer in layers for v in (layer.kernel, layer.bias)]
+    specs = tuple((tuple(v.shape), layer.fan_in) for layer in layers
+                  for v in (layer.kernel, layer.bias))
+    for var, value in zip(variables, _torch_default_values(key, specs), strict=True):
+        var.set_value(value)
+
+
+class InertParam(nnx.Variable):
+    """A PyTorch nn.Parameter the forward never reads (unused BatchNorm weight/bias)."""
+
+
+class InertBuffer(nnx.Variable):
+    """A PyTorch buffer kept only for state_dict fidelity (BatchNorm running statistics)."""
+
+
+class UnusedBatchNorm(nnx.Module):
+    """State of a BatchNorm1d the released model builds but never calls (use_bn=False)."""
+
+    def __init__(self, channels: int):
+        # From numpy: no per-shape XLA compile for constants (torch's BatchNorm defaults).
+        ones, zeros = np.ones(channels, np.float32), np.zeros(channels, np.float32)
+        self.weight = InertParam(jnp.asarray(ones))
+        self.bias = InertParam(jnp.asarray(zeros))
+        self.running_mean = InertBuffer(jnp.asarray(zeros))
+        self.running_var = InertBuffer(jnp.asarray(ones))
+        # int32 because JAX runs without x64; exported as the int64 scalar PyTorch stores.
+        self.num_batches_tracked = InertBuffer(jnp.asarray(np.int32(0)))
+
+
+class SameConv(nnx.Module):
+    """Conv1d with bias and asymmetric "same" padding. Params are cast to the input dtype.
+
+    With `key=None` the parameters stay abstract for the owner to fill (Net1D fills all of
+    its layers from one draw).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int,
+                 groups: int = 1, *, key: jax.Array | None = None):
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"channels {in_channels}->{out_channels} not divisible by {groups}")
+        self.kernel_size, self.stride, self.groups = kernel_size, stride, groups
+        self.fan_in = in_channels // groups * kernel_size
+        self.kernel = nnx.Param(_abstract_f32(kernel_size, in_channels // groups, out_channels))
+        self.bias = nnx.Param(_abstract_f32(out_channels))
+        if key is not None:
+            _fill_torch_default([self], key)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        padding = same_padding(x.shape[1], self.kernel_size, self.stride)
+        y = grouped_conv1d(x, self.kernel[...].astype(x.dtype), stride=self.stride,
+                           padding=padding, groups=self.groups)
+        return y + self.bias[...].astype(x.dtype)
+
+
+class Dense(nnx.Module):
+    """Linear layer, kernel (in, out), PyTorch default init; `key=None` as for SameConv."""
+
+    def __init__(self, in_features: int, out_features: int, *, key: jax.Array | None = None):
+        self.fan_in = in_features
+        self.kernel = nnx.Param(_abstract_f32(in_features, out_features))
+        self.bias = nnx.Param(_abstract_f32(out_features))
+        if key is not None:
+            _fill_torch_default([self], key)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x @ self.kernel[...].astype(x.dtype) + self.bias[...].astype(x.dtype)
+
+
+class Net1DBlock(nnx.Module):
+    """Bottleneck block: [Swish] conv1 Swish conv2 Swish conv3, squeeze-excitation, + shortcut."""
+
+    def __init__(self, in_channels: int, out_channels: int, ratio: float, kernel_size: int,
+                 stride: int, groups: int, downsample: bool, is_first_block: bool):
+        middle = int(out_channels * ratio)
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.stride, self.downsample, self.is_first_block = stride, downsample, is_first_block
+        self.bn1 = UnusedBatchNorm(in_channels)
+        self.conv1 = SameConv(in_channels, middle, 1, 1)
+        self.bn2 = UnusedBatchNorm(middle)
+        self.conv2 = SameConv(middle, middle, kernel_size, stride, groups)
+        self.bn3 = UnusedBatchNorm(middle)
+        self.conv3 = SameConv(middle, out_channels, 1, 1)
+        self.se_fc1 = Dense(out_channels, out_channels // 2)
+        self.se_fc2 = Dense(out_channels // 2, out_channels)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        out = x if self.is_first_block else swish(x)  # stem already applied Swish
+        out = swish(self.conv1(out))
+        out = swish(self.conv2(out))
+        out = self.conv3(out)
+        se = swish(self.se_fc1(jnp.mean(out, axis=1)))
+        out = out * jax.nn.sigmoid(self.se_fc2(se))[:, None, :]
+        identity = shortcut_max_pool(x, self.stride) if self.downsample else x
+        if self.out_channels != self.in_channels:
+            extra = self.out_channels - self.in_channels
+            identity = jnp.pad(identity, ((0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+        return out + identity
+
+
+class Net1DStage(nnx.Module):
+    """Blocks sharing one width; the first one strides and downsamples the shortcut."""
+
+    def __init__(self, in_channels: int, out_channels: int, n_blocks: int, config: Net1DConfig,
+                 is_first_stage: bool):
+        groups = out_channels // config.groups_width
+        self.blocks = nnx.List([
+            Net1DBlock(in_channels if j == 0 else out_channels, out_channels, config.ratio,
+                       config.kernel_size, config.stride if j == 0 else 1, groups,
+                       downsample=j == 0, is_first_block=is_first_stage and j == 0)
+            for j in range(n_blocks)
+        ])
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class Net1D(nnx.Module):
+    """Net1D backbone: (batch, length, in_channels) -> (batch, embedding_dim) float32.
+
+    `dtype` is the compute dtype (parameters stay float32); the final time-average is taken in
+    float32. It is a plain attribute and may be changed after construction or loading.
+    """
+
+    def __init__(self, config: Net1DConfig, in_channels: int = 1, *,
+                 dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        if not isinstance(in_channels, int) or in_channels < 1:
+            raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
+        self.config, self.in_channels, self.dtype = config, in_channels, dtype
+        self.first_conv = SameConv(in_channels, config.base_filters, config.kernel_size,
+                                   config.stride)
+        self.first_bn = UnusedBatchNorm(config.base_filters)
+        widths = (config.base_filters, *config.filter_list)
+        self.stages = nnx.List([
+            Net1DStage(widths[i], widths[i + 1], n, config, i == 0)
+            for i, n in enumerate(config.m_blocks_list)
+        ])
+        # A single rngs draw: each nnx.Rngs draw updates a counter Variable, which under
+        # tracing (eval_shape / jitted init) costs time quadratic in the number of draws.
+        _fill_torch_default(self.layers(), rngs.params())
+
+    def layers(self) -> list[SameConv | Dense]:
+        """Every conv / linear layer, stem first, in forward order."""
+        layers: list[SameConv | Dense] = [self.first_conv]
+        for stage in self.stages:
+            for b in stage.blocks:
+                layers += [b.conv1, b.conv2, b.conv3, b.se_fc1, b.se_fc2]
+        return layers
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.config.embedding_dim
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if x.ndim != 3:
+            raise ValueError(f"Net1D expects input of shape (batch, length, channels), "
+                             f"got rank {x.ndim} shape {tuple(x.shape)}")
+        if x.shape[-1] != self.in_channels:
+            hint = (" (looks like PyTorch NCL layout; transpose to NLC)"
+                    if x.shape[1] == self.in_channels else "")
+            raise ValueError(f"Net1D built for {self.in_channels} input channel(s) got input "
+                             f"shape {tuple(x.shape)} with {x.shape[-1]} channels{hint}")
+        out = swish(self.first_conv(x.astype(self.dtype)))
+        for stage in self.stages:
+            out = stage(out)
+        return jnp.mean(out.astype(jnp.float32), axis=1)
+
+
+def create_net1d(size: str, in_channels: int = 1, *, rngs: nnx.Rngs,
+                 dtype: Any = jnp.float32) -> Net1D:
+    """A freshly initialised Net1D of a released size (PyTorch default init)."""
+    return Net1D(net1d_config(size), in_channels, dtype=dtype, rngs=rngs)
+
+
+def count_parameters(size: str, in_channels: int = 1, *, trainable_only: bool = False) -> int:
+    """Parameter count without allocating (nnx.eval_shape).
+
+    By default this matches PyTorch's count of nn.Parameters, which includes the unused
+    BatchNorm weight/bias (`InertParam`); `trainable_only=True` counts `nnx.Param` alone.
+    """
+    net1d_config(size)  # validate before the cache sees it
+    return _parameter_counts(size, in_channels)[1 if trainable_only else 0]
+
+
+@functools.cache
+def _parameter_counts(size: str, in_channels: int) -> tuple[int, int]:
+    abstract = nnx.eval_shape(lambda: create_net1d(size, in_channels, rngs=nnx.Rngs(0)))
+
+    def count(*filters: Any) -> int:
+        leaves = jax.tree.leaves(nnx.state(abstract, nnx.Any(*filters)))
+        return sum(math.prod(leaf.shape) for leaf in leaves)
+
+    return count(nnx.Param, InertParam), count(nnx.Param)
+
+
+_BN_FIELDS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+_BLOCK_ORDER = ("bn1", "conv1", "bn2", "conv2", "bn3", "conv3", "se_fc1", "se_fc2")
+
+
+def _torch_entries(model: Net1D) -> list[tuple[str, nnx.Variable, str]]:
+    """(torch key, variable, kind) in the released state_dict order.
+
+    kind: "conv" (torch (out, in/g, k) <-> ours (k, in/g, out)), "dense" (transpose),
+    "count" (int64 scalar in torch), "vector" (as is).
+    """
+    entries: list[tuple[str, nnx.Variable, str]] = []
+
+    def add(prefix: str, m: nnx.Module) -> None:
+        if isinstance(m, UnusedBatchNorm):
+            entries.extend((f"{prefix}.{name}", getattr(m, name),
+                            "count" if name == "num_batches_tracked" else "vector")
+                           for name in _BN_FIELDS)
+        else:  # torch nests the Conv1d of its same-padding wrapper as `.conv`
+            prefix += ".conv" if isinstance(m, SameConv) else ""
+            entries.append((f"{prefix}.weight", m.kernel,
+                            "conv" if isinstance(m, SameConv) else "dense"))
+            entries.append((f"{prefix}.bias", m.bias, "vector"))
+
+    add("first_conv", model.first_conv)
+    add("first_bn", model.first_bn)
+    for i, stage in enumerate(model.stages):
+        for j, block in enumerate(stage.blocks):
+            for name in _BLOCK_ORDER:
+                add(f"stage_list.{i}.block_list.{j}.{name}", getattr(block, name))
+    return entries
+
+
+def _torch_shape(shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
+    return tuple(reversed(shape)) if kind in ("conv", "dense") else tuple(shape)
+
+
+def _swap_layout(a: np.ndarray, kind: str) -> np.ndarray:
+    # Both conversions are their own inverse: reverse (k, in, out) / (in, out) axes.
+    return np.ascontiguousarray(a.T) if kind in ("conv", "dense") else a
+
+
+def to_torch_state_dict(model: Net1D) -> dict[str, Any]:
+    """The released Net1D state_dict: same keys, order, shapes; float32, int64 counters.
+
+    On an abstract model (from `nnx.eval_shape`) values are `jax.ShapeDtypeStruct`s, so the
+    layout of any size can be checked without allocating it.
+    """
+    out: dict[str, Any] = {}
+    for key, var, kind in _torch_entries(model):
+        value = var.get_value()
+        dtype = np.int64 if kind == "count" else np.float32
+        if isinstance(value, jax.ShapeDtypeStruct):
+            out[key] = jax.ShapeDtypeStruct(_torch_shape(value.shape, kind), dtype)
+        else:
+            out[key] = _swap_layout(np.asarray(jax.device_get(value)), kind).astype(dtype)
+    return out
+
+
+def _format_keys(keys: list[str], limit: int = 12) -> str:
+    more = [f"... and {len(keys) - limit} more"] if len(keys) > limit else []
+    return "".join(f"\n    {k}" for k in keys[:limit] + more)
+
+
+def _state_dict_problems(arrays: dict[str, np.ndarray],
+                         entries: list[tuple[str, nnx.Variable, str]]) -> list[str]:
+    expected = {k: (_torch_shape(v.get_value().shape, kind), kind) for k, v, kind in entries}
+    missing = [k for k in expected if k not in arrays]
+    unexpected = [k for k in arrays if k not in expected]
+    wrong_shape, wrong_dtype = [], []
+    for key, (shape, kind) in expected.items():
+        if key not in arrays:
+            continue
+        a = arrays[key]
+        if a.shape != shape:
+            wrong_shape.append(f"{key}: expected {shape}, got {a.shape}")
+        elif kind == "count" and not (np.issubdtype(a.dtype, np.integer) and 0 <= a < 2**31):
+            wrong_dtype.append(f"{key}: expected an integer in [0, 2**31), got {a!r}")
+        elif kind != "count" and not np.issubdtype(a.dtype, np.floating):
+            wrong_dtype.append(f"{key}: expected floating point, got dtype {a.dtype}")
+    problems = [f"{label} {len(keys)} key(s):{_format_keys(keys)}" for label, keys in (
+        ("missing", missing), ("unexpected", unexpected), ("wrong shape for", wrong_shape),
+        ("wrong value for", wrong_dtype)) if keys]
+    if unexpected and all(k.startswith("backbone.") for k in unexpected):
+        problems.append("hint: keys start with 'backbone.'; strip that prefix first")
+    return problems
+
+
+def from_torch_state_dict(state_dict: Mapping[str, Any], size: str, in_channels: int = 1, *,
+                          dtype: Any = jnp.float32) -> Net1D:
+    """A Net1D holding the given released-format weights; strict about keys and shapes.
+
+    Values may be numpy arrays, CPU torch tensors or anything `np.asarray` accepts. Raises one
+    ValueError listing every missing, unexpected, wrong-shaped or wrong-typed key.
+    """
+    config = net1d_config(size)
+    model = nnx.eval_shape(lambda: Net1D(config, in_channels, dtype=dtype, rngs=nnx.Rngs(0)))
+    entries = _torch_entries(model)
+    arrays = {k: np.asarray(v) for k, v in state_dict.items()}
+    problems = _state_dict_problems(arrays, entries)
+    if problems:
+        raise ValueError(f"state_dict does not match Net1D size {size!r} with "
+                         f"in_channels={in_channels}:\n  " + "\n  ".join(problems))
+    for key, var, kind in entries:
+        target = jnp.int32 if kind == "count" else jnp.float32
+        var.set_value(jnp.asarray(_swap_layout(arrays[key], kind), target))
+    return model

@@ -217,4 +217,25 @@ def assign_backbone(backbone: nnx.Module, model_state: Mapping[str, Any], *, sou
 
 
 def _path_key(path: Any) -> tuple[str, ...]:
-    return tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    """A leaf's path as strings, ignoring Variable `.value` hops and int-vs-str list keys."""
+    parts = []
+    for k in path:
+        if isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value":
+            continue
+        parts.append(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))))
+    return tuple(parts)
+
+
+def restructure(target: Any, restored: Any) -> Any:
+    """Put restored leaves into `target`'s exact tree structure (State, Variables, int keys).
+
+    Orbax hands back plain containers; jit's in_shardings need the structure the state was
+    built with. Leaves are matched by path, so order never matters.
+    """
+    got = {_path_key(p): v for p, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
+    paths, treedef = jax.tree_util.tree_flatten_with_path(target)
+    missing = [p for p, _ in paths if _path_key(p) not in got]
+    if missing or len(got) != len(paths):
+        raise CheckpointError(f"restored state does not match the model: {len(missing)} "
+                              f"missing leaves, {len(got)} restored vs {len(paths)} expected")
+    return jax.tree_util.tree_unflatten(treedef, [got[_path_key(p)] for p, _ in paths])

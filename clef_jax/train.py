@@ -152,7 +152,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                                          optimizer_target=trainer.abstract_target("optimizer"))
     if restored is not None:
         start_step, model_state, optimizer_state, _ = restored
-        state = nnx.State({"model": model_state, "optimizer": optimizer_state})
+        state = checkpoint.restructure(trainer.abstract_state,
+                                       {"model": model_state, "optimizer": optimizer_state})
         log.info("resumed from %s at step %d", manager.directory, start_step)
     else:
         start_step = 0
@@ -183,7 +184,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         with _Preemption() as preemption:
             while step < total_steps:
                 batch = trainer.global_batch(next(batches))
-                with mesh:
+                with jax.set_mesh(mesh):
                     state, metrics = trainer.step(state, batch)
                 step += 1
                 loss = float(metrics["loss"])  # one scalar sync per step: catches NaN at once

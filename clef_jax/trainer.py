@@ -66,7 +66,7 @@ class Trainer:
 
     def init(self) -> nnx.State:
         """A fresh state, every array created directly with its sharding."""
-        with self.mesh:
+        with jax.set_mesh(self.mesh):
             return self._init()
 
     def _step(self, state: nnx.State, batch: Mapping[str, jax.Array]
@@ -105,7 +105,7 @@ class Trainer:
         vec = jax.ShapeDtypeStruct((global_batch_size,), jnp.float32, sharding=self.batch_sharding)
         batch = {"view1": view, "view2": view, "risk": vec, "missing_rate": vec}
         state = sharding.to_shape_dtype(self.abstract_state, self.state_shardings)
-        with self.mesh:
+        with jax.set_mesh(self.mesh):
             compiled = self.step.lower(state, batch).compile()
         report: dict[str, Any] = {"devices": int(self.mesh.size),
                                   "mesh": dict(self.mesh.shape)}

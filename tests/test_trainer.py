@@ -41,7 +41,7 @@ def _run_step(config, mesh, n_steps=1):
     state = trainer.init()
     losses = []
     for i in range(n_steps):
-        with mesh:
+        with jax.set_mesh(mesh):
             state, metrics = trainer.step(state, trainer.global_batch(_batch(seed=i)))
         losses.append(float(metrics["loss"]))
     params = jax.tree.map(np.asarray, jax.device_get(nnx.State(state["model"]).to_pure_dict()))
@@ -103,7 +103,7 @@ def test_baseline_methods_step_and_update_their_extras(method):
     trainer = Trainer(config, mesh, steps_per_epoch=10)
     state = trainer.init()
     start = jax.tree.map(np.asarray, jax.device_get(nnx.State(state["model"]).to_pure_dict()))
-    with mesh:
+    with jax.set_mesh(mesh):
         state, metrics = trainer.step(state, trainer.global_batch(_batch()))
     assert np.isfinite(float(metrics["loss"]))
     end = jax.tree.map(np.asarray, jax.device_get(nnx.State(state["model"]).to_pure_dict()))

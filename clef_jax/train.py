@@ -179,6 +179,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     step = start_step
     progress = _progress(start_step, total_steps)
     tick, tick_step = time.perf_counter(), start_step
+    interval: dict[str, float] = {}
+    interval_start = start_step
     preempted = False
     try:
         with _Preemption() as preemption:
@@ -187,7 +189,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 with jax.set_mesh(mesh):
                     state, metrics = trainer.step(state, batch)
                 step += 1
-                loss = float(metrics["loss"])  # one scalar sync per step: catches NaN at once
+                # One small device->host copy per step: NaN is caught at the step it happens,
+                # and logged values are means over the logging interval, not one noisy batch.
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                loss = metrics["loss"]
                 if not math.isfinite(loss):
                     raise TrainingDiverged(
                         f"loss is {loss} at step {step}; stopped without saving. Last good "
@@ -195,17 +200,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                         f"in {manager.directory}")
                 first_loss = loss if math.isnan(first_loss) else first_loss
                 last_loss = loss
+                for key, value in metrics.items():
+                    interval[key] = interval.get(key, 0.0) + value
                 if progress is not None:
                     progress.update(1)
                 if step % config.train.log_every_steps == 0 or step == total_steps:
                     now = time.perf_counter()
                     rate = views_per_step * (step - tick_step) / max(now - tick, 1e-9)
                     tick, tick_step = now, step
-                    scalars = {k: float(v) for k, v in metrics.items()}
+                    n = step - interval_start
+                    scalars = {k: v / n for k, v in interval.items()}
                     scalars["views_per_s"] = rate
                     writer.write(step, scalars)
+                    interval, interval_start = {}, step
                     if progress is not None:
-                        progress.set_postfix(loss=f"{loss:.4f}", views_s=f"{rate:.0f}")
+                        progress.set_postfix(loss=f"{scalars['loss']:.4f}", views_s=f"{rate:.0f}")
                 if step % config.checkpoint.every_steps == 0 or step == total_steps:
                     _save(manager, step, state, meta)
                     last_saved = step
@@ -261,6 +270,11 @@ def _progress(start: int, total: int):
 def main(argv: list[str]) -> None:
     del argv
     from absl import flags
+    from absl import logging as absl_logging
+
+    # Library chatter (Orbax options dumps, JAX backend probing) drowns the progress bar.
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("jax").setLevel(logging.WARNING)
     config = flags.FLAGS.config
     try:
         summary = train_and_evaluate(config, flags.FLAGS.workdir)

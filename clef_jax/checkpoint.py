@@ -78,31 +78,43 @@ def weights_checksum(state: Any) -> str:
 
 def save(manager: ocp.CheckpointManager, step: int, *, model_state: Any,
          optimizer_state: Any | None, meta: Mapping[str, Any], force: bool = False) -> bool:
-    """Start an (async) save; disk-full and other I/O errors become one CheckpointError."""
+    """Start an (async) save; disk-full and other I/O errors become one CheckpointError.
+
+    NNX States are written as plain nested dicts, so a checkpoint reads back the same way
+    with or without a target and without NNX's Variable types.
+    """
+    model_state, optimizer_state = (
+        x.to_pure_dict() if isinstance(x, nnx.State) else x for x in (model_state, optimizer_state))
     items = {"model": ocp.args.StandardSave(model_state),
              "meta": ocp.args.JsonSave(dict(meta, format=FORMAT, step=int(step)))}
     if optimizer_state is not None:
         items["optimizer"] = ocp.args.StandardSave(optimizer_state)
     try:
         return manager.save(step, args=ocp.args.Composite(**items), force=force)
-    except OSError as e:
-        raise _io_error(manager, step, e) from e
+    except Exception as e:  # noqa: BLE001 - I/O failures reach us as OSError or ValueError
+        _raise_io_error(manager, step, e)
 
 
 def wait(manager: ocp.CheckpointManager) -> None:
     """Block until async saves are durable (raises CheckpointError on failure)."""
     try:
         manager.wait_until_finished()
-    except OSError as e:
-        raise _io_error(manager, None, e) from e
+    except Exception as e:  # noqa: BLE001 - async write errors surface here
+        _raise_io_error(manager, None, e)
 
 
-def _io_error(manager: ocp.CheckpointManager, step: int | None, e: OSError) -> CheckpointError:
+def _raise_io_error(manager: ocp.CheckpointManager, step: int | None, e: Exception) -> None:
+    """Disk-full and OS errors become one CheckpointError; anything else is re-raised."""
     where = f"{manager.directory}" + (f" (step {step})" if step is not None else "")
-    if e.errno == errno.ENOSPC:
-        return CheckpointError(f"checkpoint save failed: no space left on device in {where}; "
-                               "earlier checkpoints are intact")
-    return CheckpointError(f"checkpoint save failed in {where}: {e}")
+    # TensorStore reports ENOSPC inside a ValueError ("... [os_error_code='28']").
+    text = str(e)
+    if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in text \
+            or f"os_error_code='{errno.ENOSPC}'" in text:
+        raise CheckpointError(f"checkpoint save failed: no space left on device in {where}; "
+                              "earlier checkpoints are intact") from e
+    if isinstance(e, OSError):
+        raise CheckpointError(f"checkpoint save failed in {where}: {e}") from e
+    raise e
 
 
 def read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:

@@ -94,8 +94,13 @@ class Trainer:
                 for k in BATCH_KEYS}
 
     def abstract_target(self, part: str) -> Any:
-        """ShapeDtypeStructs with target shardings for restoring `model` or `optimizer`."""
-        return sharding.to_shape_dtype(self.abstract_state[part], self.state_shardings[part])
+        """ShapeDtypeStructs with target shardings for restoring `model` or `optimizer`.
+
+        Checkpoints hold plain nested dicts (`nnx.State.to_pure_dict`), readable without
+        knowing NNX's Variable types; `checkpoint.restructure` puts them back into a State.
+        """
+        return sharding.to_shape_dtype(self.abstract_state[part].to_pure_dict(),
+                                       self.state_shardings[part].to_pure_dict())
 
     def compiled_step_report(self, global_batch_size: int, length: int) -> dict[str, Any]:
         """Lower and compile the step for this mesh without running it (ahead-of-time check)."""

@@ -1,6 +1,7 @@
 """Orbax checkpoints: exact restore, restore onto another mesh, damaged steps skipped."""
 
 import shutil
+import subprocess
 
 import jax
 import numpy as np
@@ -29,8 +30,8 @@ def _save_state(trainer, state, directory, step):
     checkpoint.save(
         manager,
         step,
-        model_state=state["model"],
-        optimizer_state=state["optimizer"],
+        model_state=state["model"].to_pure_dict(),
+        optimizer_state=state["optimizer"].to_pure_dict(),
         meta={"model": {"name": "net1d", "size": "small", "in_channels": 1}},
     )
     checkpoint.wait(manager)
@@ -110,3 +111,27 @@ def test_pretrained_round_trip_and_strict_mismatch(tmp_path):
 def test_missing_directory_is_a_clear_error(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="no such checkpoint directory"):
         checkpoint.load_model_state(tmp_path / "nope")
+
+
+def test_disk_full_on_save_is_one_clear_error_and_keeps_earlier_steps(tmp_path):
+    """A real full filesystem: a 256 KiB tmpfs (needs root, as in CI; skipped otherwise)."""
+    mount_point = tmp_path / "small_disk"
+    mount_point.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        manager = checkpoint.make_manager(mount_point / "ckpt", max_to_keep=3)
+        small = {"w": np.ones(16, np.float32)}
+        checkpoint.save(manager, 1, model_state=small, optimizer_state=None, meta={})
+        checkpoint.wait(manager)
+        noise = np.random.default_rng(0).standard_normal(300_000).astype(np.float32)
+        with pytest.raises(checkpoint.CheckpointError, match="no space left on device"):
+            checkpoint.save(manager, 2, model_state={"w": noise}, optimizer_state=None, meta={})
+            checkpoint.wait(manager)
+        manager.close()
+        restored, meta = checkpoint.load_model_state(mount_point / "ckpt")
+        assert meta["step"] == 1
+        np.testing.assert_array_equal(restored["w"], small["w"])
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)

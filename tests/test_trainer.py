@@ -115,3 +115,28 @@ def test_baseline_methods_step_and_update_their_extras(method):
         assert int(end["queue_ptr"]) == 8
         assert not np.array_equal(start["queue"][:8], end["queue"][:8])
         np.testing.assert_array_equal(start["queue"][8:], end["queue"][8:])
+
+
+def test_msformer_step_on_a_data_fsdp_model_mesh_matches_one_device():
+    _needs_8_devices()
+    config = _config(batch=4)
+    config.model.name = "msformer"
+    rng = np.random.default_rng(1)
+    batch = {"view1": rng.standard_normal((4, 500, 1), dtype=np.float32),
+             "view2": rng.standard_normal((4, 500, 1), dtype=np.float32),
+             "risk": np.array([0.1, np.nan, 0.05, 0.2], np.float32),
+             "missing_rate": np.array([0.0, 0.5, 0.2, 0.1], np.float32)}
+    results = []
+    for mesh in (sharding.make_mesh((1, 1, 1), ("data", "fsdp", "model"),
+                                    devices=jax.devices()[:1]),
+                 sharding.make_mesh((2, 2, 2), ("data", "fsdp", "model"))):
+        trainer = Trainer(config, mesh, steps_per_epoch=10)
+        state = trainer.init()
+        with jax.set_mesh(mesh):
+            state, metrics = trainer.step(state, trainer.global_batch(batch))
+        results.append((float(metrics["loss"]), float(metrics["grad_norm"]), state))
+    (loss1, gnorm1, _), (loss8, gnorm8, state8) = results
+    np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
+    np.testing.assert_allclose(gnorm8, gnorm1, rtol=1e-4)
+    specs = {str(leaf.sharding.spec) for leaf in jax.tree.leaves(state8["model"])}
+    assert any("model" in s for s in specs) and any("fsdp" in s for s in specs)

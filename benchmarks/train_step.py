@@ -178,8 +178,14 @@ def main() -> None:
     for entry in args.models:
         name, size, batch = entry.split(":")
         batch = int(batch)
-        row = {"model": name, "size": size, "batch": batch,
-               "jax": jax_step(name, size, batch, args.warmup, args.repeats, args.dtype)}
+        row = {"model": name, "size": size, "batch": batch}
+        try:
+            row["jax"] = jax_step(name, size, batch, args.warmup, args.repeats, args.dtype)
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory: record it, go on
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            rows.append(row)
+            print(f"{name + ':' + size:<18}{batch:>6}  failed: {row['error']}", flush=True)
+            continue
         if name == "net1d" and not args.no_torch:
             row["torch"] = torch_step(size, batch, args.warmup, args.repeats)
         if not args.no_input:

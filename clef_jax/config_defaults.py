@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from clef_jax.data.config import default_data_config
-
-STANDARD_LEADS = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
+from clef_jax.data.config import LEAD_NAMES, default_data_config
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -83,9 +81,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     require(0.0 <= c.data.same_lead_prob <= 1.0, "data.same_lead_prob", "must be in [0, 1]")
     require(bool(c.data.dataset_dir), "data.dataset_dir",
             "is empty; point it at a directory written by `python -m data_prep build`")
-    unknown = [lead for lead in c.data.leads if lead not in STANDARD_LEADS]
+    unknown = [lead for lead in c.data.leads if lead not in LEAD_NAMES]
     require(not unknown and len(c.data.leads) > 0, "data.leads",
-            f"unknown lead(s) {unknown}; valid: {', '.join(STANDARD_LEADS)}")
+            f"unknown lead(s) {unknown}; valid: {', '.join(LEAD_NAMES)}")
     require(c.distributed.mode in ("auto", "on", "off"), "distributed.mode",
             f"{c.distributed.mode!r} is not one of auto, on, off")
     if c.method == "moco":

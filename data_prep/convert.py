@@ -22,14 +22,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from data_prep.metadata import (
+from data_prep.clinical import (
     METADATA_FIELDS,
     PLAUSIBLE_RANGES,
-    MetadataRow,
     dx_codes_from_header_comments,
     metadata_from_header_comments,
-    missing_rate,
 )
+from data_prep.metadata import MetadataRow, missing_rate
 from data_prep.records import RecordError, read_wfdb_record
 from data_prep.score2 import compute_risk
 from data_prep.signals import PreprocessConfig, encode_int16, preprocess_record
@@ -88,7 +87,7 @@ def merge_metadata(row: MetadataRow | None, header: dict, extra: dict) -> tuple[
             and math.isfinite(values["weight_kg"]):
         bmi = values["weight_kg"] / (values["height_cm"] / 100.0) ** 2
         lo, hi = PLAUSIBLE_RANGES["bmi"]
-        if lo <= bmi <= hi:  # implausible derived BMIs stay missing, as in metadata.py
+        if lo <= bmi <= hi:  # implausible derived BMIs stay missing, as in clinical.derive_bmi
             values["bmi"], origin["bmi"] = bmi, "derived"
     return values, origin
 

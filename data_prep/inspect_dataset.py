@@ -14,8 +14,8 @@ from collections import Counter
 
 import numpy as np
 
+from data_prep.clinical import METADATA_FIELDS
 from data_prep.leads import STANDARD_LEADS
-from data_prep.metadata import METADATA_FIELDS
 from data_prep.signals import decode_int16
 from data_prep.tfds_writer import SETTINGS_FILE, read_settings
 

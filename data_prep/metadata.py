@@ -1,28 +1,19 @@
-"""Per-record clinical metadata: CSV reading, unit normalisation, missing rate and SCORE2 risk.
+"""Per-record clinical metadata: the CSV table, its lookup keys, missing rate and SCORE2 risk.
 
-Canonical fields (``METADATA_FIELDS``) are float32 values with NaN for missing. Units: age in
-years, BMI kg/m², blood pressure mmHg, height cm, weight kg, heart rate bpm, cholesterol mmol/L.
-``sex`` is 1 = male, 0 = female; ``smoking`` (current smoker) and ``diabetes`` are 1 = yes, 0 = no.
-``hrv`` is copied as given (the authors' ``heart_rate_var`` does not state its unit).
+Cells are parsed into the canonical fields of ``data_prep.clinical`` (units, column mapping and
+plausible ranges are documented there). Tables are keyed by record (``RECORD_KEY_COLUMNS``,
+e.g. the authors' ``path`` or PTB-XL's ``ecg_id``), then by subject (``SUBJECT_KEY_COLUMNS``).
+A numeric ``sex`` is read as 1 = male unless ``sex_coding`` says otherwise; PTB-XL (``ecg_id``
+with ``filename_hr``/``filename_lr``) is recognised and read as 0 = male.
 
-Column mapping (case-insensitive; per field, the first listed column with a usable value wins):
-the authors' ``mimiciv_metadata_with_score2.csv`` (``gender`` M/F, ``age_at_ecg`` then
-``anchor_age``, ``BMI (kg/m2)``, ``Blood Pressure`` "sys/dia", ``Height (Inches)``, ``Weight
-(Lbs)``, ``heart_rate``, ``heart_rate_var``, ``rate_meta``, ``score2_risk``, key ``path``);
-PTB-XL ``ptbxl_database.csv`` (``ecg_id``, ``patient_id``, ``age``, ``sex`` coded **0 = male,
-1 = female** (Wagner et al. 2020, Sci Data 7:154, Table 2; flipped on reading), ``height`` cm,
-``weight`` kg; ages over 89 are coded 300 there and become NaN with a problem); and the generic
-names in ``COLUMN_SOURCES``. A numeric ``sex`` outside PTB-XL is read as 1 = male unless
-``sex_coding`` says otherwise.
-
-BMI is derived as weight / height² when no BMI is given but both are; the row lists it in
-``derived`` and the missing rate then counts BMI as present. Values outside ``PLAUSIBLE_RANGES``
-(after unit conversion) and unparsable cells become NaN and are listed in the row's ``problems``.
+The missing rate is the fraction of ``MISSING_RATE_FIELDS`` that are missing; the authors'
+``rate_meta`` column wins when usable, and a BMI derived from height and weight (listed in the
+row's ``derived``) counts as present. Risk is the CSV's ``score2_risk`` when usable, else
+``score2.compute_risk``. Unusable cells are listed in the row's ``problems``.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -31,50 +22,22 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from data_prep.score2 import DEFAULT_REGION, RiskRegion, compute_risk, mgdl_to_mmol
+from data_prep.clinical import (
+    METADATA_FIELDS,
+    MISSING_TOKENS,
+    derive_bmi,
+    numeric_column,
+    parse_fields,
+)
+from data_prep.score2 import DEFAULT_REGION, RiskRegion, compute_risk
 
-METADATA_FIELDS = ("sex", "age", "bmi", "sbp", "dbp", "height_cm", "weight_kg", "heart_rate",
-                   "hrv", "total_cholesterol", "hdl", "smoking", "diabetes")
 #: The reference metadata vector (sex, age, BMI, SBP, DBP, height, weight, HR, HRV) whose
 #: missing fraction is the per-patient missing rate.
 MISSING_RATE_FIELDS = ("sex", "age", "bmi", "sbp", "dbp", "height_cm", "weight_kg",
                        "heart_rate", "hrv")
-#: Inclusive plausible ranges in canonical units; anything else becomes NaN with a problem.
-PLAUSIBLE_RANGES: dict[str, tuple[float, float]] = {
-    "sex": (0, 1), "age": (0, 120), "bmi": (8, 100), "sbp": (50, 300), "dbp": (20, 200),
-    "height_cm": (40, 250), "weight_kg": (1, 400), "heart_rate": (20, 300), "hrv": (0, 10000),
-    "total_cholesterol": (1, 20), "hdl": (0.1, 5), "smoking": (0, 1), "diabetes": (0, 1),
-}
 RECORD_KEY_COLUMNS = ("record_id", "study_id", "ecg_id", "path", "filename_hr", "filename_lr",
                       "file_name")
 SUBJECT_KEY_COLUMNS = ("subject_id", "patient_id")
-_MISSING_TOKENS = {"", "na", "nan", "n/a", "none", "null", "unknown", "?", "-"}
-_TRUE = {"1", "1.0", "yes", "y", "true", "t", "current", "smoker"}
-_FALSE = {"0", "0.0", "no", "n", "false", "f", "never", "former", "ex", "non-smoker"}
-_MALE, _FEMALE = {"m", "male", "man"}, {"f", "female", "woman"}
-_WORDS = {"sex": {**dict.fromkeys(_MALE, 1.0), **dict.fromkeys(_FEMALE, 0.0)},
-          "smoking": {**dict.fromkeys(_TRUE, 1.0), **dict.fromkeys(_FALSE, 0.0)}}
-_BP_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(\d+(?:\.\d+)?)\s*(?:mm\s*hg)?\s*$", re.I)
-_BP = "Blood Pressure"  # the authors' "sys/dia" column: special-cased below
-LBS_TO_KG, INCH_TO_CM = 0.45359237, 2.54
-
-# field -> ordered (column, multiplier or converter name) candidates
-COLUMN_SOURCES: dict[str, tuple[tuple[str, object], ...]] = {
-    "sex": (("gender", "sex"), ("sex", "sex")),
-    "age": (("age_at_ecg", 1.0), ("anchor_age", 1.0), ("age", 1.0)),
-    "bmi": (("BMI (kg/m2)", 1.0), ("bmi", 1.0)),
-    "sbp": ((_BP, "sys"), ("sbp", 1.0), ("systolic_bp", 1.0), ("systolic", 1.0)),
-    "dbp": ((_BP, "dia"), ("dbp", 1.0), ("diastolic_bp", 1.0), ("diastolic", 1.0)),
-    "height_cm": (("Height (Inches)", INCH_TO_CM), ("height_cm", 1.0), ("height", 1.0)),
-    "weight_kg": (("Weight (Lbs)", LBS_TO_KG), ("weight_kg", 1.0), ("weight", 1.0)),
-    "heart_rate": (("heart_rate", 1.0), ("hr", 1.0)),
-    "hrv": (("heart_rate_var", 1.0), ("hrv", 1.0)),
-    "total_cholesterol": (("total_cholesterol", 1.0), ("total_chol", 1.0),
-                          ("total_cholesterol_mgdl", "mgdl")),
-    "hdl": (("hdl", 1.0), ("hdl_cholesterol", 1.0), ("hdl_mgdl", "mgdl")),
-    "smoking": (("smoking", "flag"), ("smoker", "flag"), ("current_smoker", "flag")),
-    "diabetes": (("diabetes", "flag"), ("diabetic", "flag")),
-}
 
 
 @dataclass
@@ -248,19 +211,19 @@ class MetadataTable:
                 notes.append("PTB-XL layout detected: numeric sex read as 0 = male, 1 = female")
         n = len(df)
         problems: list[list[str]] = [[] for _ in range(n)]
-        values = _parse_fields(df, lower, sex_coding, problems)
-        derived = _derive_bmi(values, problems)
+        values = parse_fields(df, lower, sex_coding, problems)
+        derived = derive_bmi(values, problems)
 
         rate, rate_src = missing_rate(values), np.full(n, "computed", dtype="<U8")
         if "rate_meta" in lower:  # the authors' own missing rate wins when usable
-            theirs = _numeric_column(df[lower["rate_meta"]], lower["rate_meta"], (0.0, 1.0),
+            theirs = numeric_column(df[lower["rate_meta"]], lower["rate_meta"], (0.0, 1.0),
                                      problems)
             rate = np.where(np.isfinite(theirs), theirs, rate)
             rate_src[np.isfinite(theirs)] = "csv"
         risk, risk_src = _risks(df, lower, values, problems, notes, region=region,
                                 impute=impute, risk_unit=risk_unit)
         keys = [str(v).strip() for v in df[key_col].tolist()]
-        for i in (i for i, k in enumerate(keys) if k.lower() in _MISSING_TOKENS):
+        for i in (i for i, k in enumerate(keys) if k.lower() in MISSING_TOKENS):
             problems[i].append(f"key column {key_col!r} is empty: the row cannot be looked up")
         columns = {"values": {f: values[f].astype(np.float32) for f in METADATA_FIELDS},
                    "rate": rate, "rate_src": rate_src, "risk": risk, "risk_src": risk_src,
@@ -268,95 +231,6 @@ class MetadataTable:
         records, subjects, duplicates = _index(df, lower, key_col)
         return cls(columns, records, subjects, path=path, key_column=key_col,
                    duplicates=duplicates, notes=notes)
-
-
-def _numeric_column(col: pd.Series, name: str, rng: tuple[float, float] | None,
-                    problems: list[list[str]], scale=1.0, canonical: str = "") -> np.ndarray:
-    """Column as float64 (NaN for missing); bad or implausible cells are reported per row."""
-    text = col.astype(str).str.strip()
-    missing = text.str.lower().isin(_MISSING_TOKENS).to_numpy()
-    nums = pd.to_numeric(text.where(~missing), errors="coerce").to_numpy(dtype=np.float64)
-    for i in np.flatnonzero(~missing & ~np.isfinite(nums)):
-        problems[i].append(f"column {name!r}: {text.iloc[i]!r} is not a number")
-    nums = np.where(np.isfinite(nums), nums, np.nan)
-    nums = scale(nums) if callable(scale) else nums * scale
-    if rng is not None:
-        bad = np.isfinite(nums) & ((nums < rng[0]) | (nums > rng[1]))
-        for i in np.flatnonzero(bad):
-            shown = (text.iloc[i] if scale == 1.0
-                     else f"{text.iloc[i]} (= {nums[i]:.4g} as {canonical})")
-            ptbxl_300 = canonical == "age" and nums[i] == 300
-            hint = " (PTB-XL codes ages over 89 as 300)" if ptbxl_300 else ""
-            problems[i].append(f"column {name!r}: {shown} is outside the plausible range "
-                               f"[{rng[0]:g}, {rng[1]:g}] for {canonical or name}{hint}")
-        nums[bad] = np.nan
-    return nums
-
-
-def _categorical(col: pd.Series, name: str, table: Mapping[str, float],
-                 problems: list[list[str]], what: str) -> np.ndarray:
-    text = col.astype(str).str.strip()
-    out = text.str.lower().map(table).to_numpy(dtype=np.float64)  # NaN: not in the table
-    for i in np.flatnonzero(np.isnan(out) & ~text.str.lower().isin(_MISSING_TOKENS).to_numpy()):
-        problems[i].append(f"column {name!r}: {text.iloc[i]!r} is not {what}")
-    return out
-
-
-def _blood_pressure(col: pd.Series, name: str, problems: list[list[str]]):
-    """The authors' "sys/dia" strings as two float arrays (NaN where unusable)."""
-    text = col.astype(str).str.strip()
-    parts = text.str.extract(_BP_RE).astype(float).to_numpy()
-    sys_, dia = parts[:, 0], parts[:, 1]
-    (lo_s, hi_s), (lo_d, hi_d) = PLAUSIBLE_RANGES["sbp"], PLAUSIBLE_RANGES["dbp"]
-    ok = (sys_ >= lo_s) & (sys_ <= hi_s) & (dia >= lo_d) & (dia <= hi_d) & (dia < sys_)
-    missing = text.str.lower().isin(_MISSING_TOKENS).to_numpy()
-    for i in np.flatnonzero(~missing & ~ok):
-        why = ("is not 'systolic/diastolic'" if np.isnan(sys_[i]) else
-               f"is not a plausible blood pressure (systolic {lo_s:g}-{hi_s:g}, diastolic "
-               f"{lo_d:g}-{hi_d:g}, diastolic below systolic)")
-        problems[i].append(f"column {name!r}: {text.iloc[i]!r} {why}")
-    return np.where(ok, sys_, np.nan), np.where(ok, dia, np.nan)
-
-
-def _parse_fields(df: pd.DataFrame, lower: dict[str, str], sex_coding: str,
-                  problems: list[list[str]]) -> dict[str, np.ndarray]:
-    n = len(df)
-    bp = _blood_pressure(df[lower[_BP.lower()]], lower[_BP.lower()], problems) \
-        if _BP.lower() in lower else None
-    male = "1" if sex_coding == "male=1" else "0"
-    sex_table = {**_WORDS["sex"], **{c: float(c[0] == male) for c in ("0", "0.0", "1", "1.0")}}
-    values: dict[str, np.ndarray] = {}
-    for fname in METADATA_FIELDS:
-        out = np.full(n, np.nan)
-        for column, how in COLUMN_SOURCES[fname]:
-            if column.lower() not in lower:
-                continue
-            real = lower[column.lower()]
-            if how == "sys" or how == "dia":
-                got = bp[0] if how == "sys" else bp[1]
-            elif how == "sex":
-                got = _categorical(df[real], real, sex_table, problems, "a sex (M/F)")
-            elif how == "flag":
-                got = _categorical(df[real], real, _WORDS["smoking"], problems, "yes/no (1/0)")
-            else:
-                got = _numeric_column(df[real], real, PLAUSIBLE_RANGES[fname], problems,
-                                      scale=mgdl_to_mmol if how == "mgdl" else how,
-                                      canonical=fname)
-            out = np.where(np.isfinite(out), out, got)  # earlier columns take precedence
-        values[fname] = out
-    return values
-
-
-def _derive_bmi(values: dict[str, np.ndarray], problems: list[list[str]]) -> np.ndarray:
-    """BMI from weight and height where none was given; returns where it was derived."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        bmi = values["weight_kg"] / (values["height_cm"] / 100.0) ** 2
-    (lo, hi), need = PLAUSIBLE_RANGES["bmi"], ~np.isfinite(values["bmi"]) & np.isfinite(bmi)
-    for i in np.flatnonzero(need & ((bmi < lo) | (bmi > hi))):
-        problems[i].append(f"BMI {bmi[i]:.1f} derived from height and weight is outside the "
-                           f"plausible range [{lo:g}, {hi:g}]")
-    values["bmi"] = np.where(use := need & (bmi >= lo) & (bmi <= hi), bmi, values["bmi"])
-    return use
 
 
 def _risks(df, lower, values, problems, notes, *, region, impute, risk_unit):
@@ -368,7 +242,7 @@ def _risks(df, lower, values, problems, notes, *, region, impute, risk_unit):
     if "score2_risk" not in lower:
         return risk, source.astype("<U8")
     name = lower["score2_risk"]
-    csv = _numeric_column(df[name], name, (0.0, 100.0), problems)
+    csv = numeric_column(df[name], name, (0.0, 100.0), problems)
     unit = risk_unit
     if unit == "auto":  # a whole-column decision: one value above 1 means percent
         unit = "percent" if np.nanmax(np.append(csv, 0.0)) > 1.0 else "fraction"
@@ -388,7 +262,7 @@ def _norm_keys(values: Sequence[object]) -> list[str]:
     out = []
     for v in values:
         text = "" if v is None or v != v else str(v).strip()  # v != v: float NaN
-        out.append("" if text.lower() in _MISSING_TOKENS else _norm_key(text))
+        out.append("" if text.lower() in MISSING_TOKENS else _norm_key(text))
     return out
 
 
@@ -425,51 +299,3 @@ def _index(df: pd.DataFrame, lower: dict[str, str], key_col: str):
         if subj_keys[i]:
             subjects.setdefault(subj_keys[i], i)
     return records, subjects, duplicates
-
-
-_KV_RE = re.compile(r"<?\b(age|sex|gender|smoker)>?\s*:\s*([^<]*)", re.I)
-_MITBIH_RE = re.compile(r"^(\d{1,3})\s+([mf])(?:\s|$)")  # MIT-BIH: "69 M 1085 1629 x1"
-_BP_COMMENT_RE = re.compile(r"peripheral blood pressure.*?:\s*(\d+)\s*/\s*(\d+)")
-
-
-def metadata_from_header_comments(comments: Sequence[str]) -> dict[str, float]:
-    """Canonical metadata found in WFDB header comments (only the fields found).
-
-    Styles: PTB (``age: 81``, ``sex: female``, ``Smoker: no``, ``Peripheral blood Pressure
-    (syst/diast):  140/80 mmHg``, ``Additional diagnoses: Diabetes mellitus``), Challenge 2020 /
-    Chapman (``#Age: 74``, ``#Sex: Male``), the wfdb test record (``<age>: 25  <sex>: M``) and
-    MIT-BIH (``69 M ...``); a leading ``#`` is optional. Unknown or implausible values are left
-    out. Diabetes is set to 1 when a diagnosis line names it; its absence is not read as 0.
-    """
-    out: dict[str, float] = {}
-    for raw in comments:
-        line = raw.strip().lstrip("#").strip().lower()
-        found: list[tuple[str, float]] = []
-        for m in _KV_RE.finditer(line):
-            key = {"gender": "sex", "smoker": "smoking"}.get(m.group(1), m.group(1))
-            word = (m.group(2).split() or [""])[0]
-            if key == "age":
-                found.append((key, float(word) if re.fullmatch(r"\d+(\.\d+)?", word)
-                               else math.nan))
-            else:
-                found.append((key, _WORDS[key].get(word, math.nan)))
-        if (mit := _MITBIH_RE.match(line)) and not found:
-            found = [("age", float(mit.group(1))), ("sex", _WORDS["sex"][mit.group(2)])]
-        if bp := _BP_COMMENT_RE.search(line):
-            found += [("sbp", float(bp.group(1))), ("dbp", float(bp.group(2)))]
-        if line.startswith(("additional diagnoses", "diagnose")) and "diabet" in line:
-            found.append(("diabetes", 1.0))
-        for key, val in found:
-            lo, hi = PLAUSIBLE_RANGES[key]
-            if key not in out and lo <= val <= hi:
-                out[key] = val
-    return out
-
-
-def dx_codes_from_header_comments(comments: Sequence[str]) -> list[str]:
-    """Diagnosis codes (SNOMED CT in Challenge 2020 / Chapman) from ``Dx: a,b,c`` comments."""
-    codes: list[str] = []
-    for raw in comments:
-        if m := re.match(r"^\s*#?\s*dx\s*:\s*(.*)$", raw, re.I):
-            codes += [c.strip() for c in m.group(1).split(",") if c.strip()]
-    return codes

@@ -14,8 +14,8 @@ import os
 import platform
 from collections import Counter
 
+from data_prep.clinical import METADATA_FIELDS
 from data_prep.leads import STANDARD_LEADS
-from data_prep.metadata import METADATA_FIELDS
 from data_prep.signals import STORAGE_UNITS_PER_MV
 from data_prep.splits import SPLITS
 from data_prep.tfds_writer import (

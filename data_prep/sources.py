@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from data_prep.metadata import PLAUSIBLE_RANGES, MetadataTable
+from data_prep.clinical import PLAUSIBLE_RANGES
+from data_prep.metadata import MetadataTable
 
 SOURCES = ("mimic-iv-ecg", "ptb-xl", "wfdb")
 #: Fixed order of the PTB-XL diagnostic superclasses in the ``diagnostic_superclass`` label.

@@ -29,8 +29,8 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
+from data_prep.clinical import METADATA_FIELDS
 from data_prep.leads import STANDARD_LEADS
-from data_prep.metadata import METADATA_FIELDS
 from data_prep.sources import SUPERCLASSES
 
 DATASET_NAME = "clef_ecg"

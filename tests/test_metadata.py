@@ -7,15 +7,12 @@ import numpy as np
 import pytest
 import wfdb
 
-from data_prep.metadata import (
+from data_prep.clinical import (
     METADATA_FIELDS,
-    MISSING_RATE_FIELDS,
-    MetadataRow,
-    MetadataTable,
     dx_codes_from_header_comments,
     metadata_from_header_comments,
-    missing_rate,
 )
+from data_prep.metadata import MISSING_RATE_FIELDS, MetadataRow, MetadataTable, missing_rate
 from data_prep.score2 import REFERENCE_VALUES, score2_risk
 
 HERE = pathlib.Path(__file__).parent / "fixtures" / "metadata"

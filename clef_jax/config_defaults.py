@@ -19,14 +19,18 @@ def default_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(
         name="net1d", size="small", in_channels=1,
         compute_dtype="float32",  # bfloat16 on TPU/GPU; params stay float32
-        projection_dim=0,  # 0: the loss sees backbone embeddings (reference CLEF)
-        projection_hidden_dim=0,
+        remat="none",  # msformer only: none | block | dots (recompute activations in backward)
+    ))
+    # The projection head (Linear-GELU-Linear) between backbone and loss, for every method.
+    c.projection = ml_collections.ConfigDict(dict(
+        # 0: the method's default (`methods.Method.default_projection`): none for clef and simclr
+        # (the loss sees backbone embeddings, as the reference CLEF), 256 byol, 128 moco
+        dim=0,
+        hidden_dim=0,  # 0: the backbone's embedding width
     ))
     c.loss = ml_collections.ConfigDict(dict(temperature=0.07, use_missing_mask=False))
-    c.byol = ml_collections.ConfigDict(dict(projection_dim=256, hidden_dim=1024,
-                                            ema_decay=0.996))
-    c.moco = ml_collections.ConfigDict(dict(projection_dim=128, queue_size=65536,
-                                            momentum=0.999))
+    c.byol = ml_collections.ConfigDict(dict(predictor_hidden_dim=1024, ema_decay=0.996))
+    c.moco = ml_collections.ConfigDict(dict(queue_size=65536, momentum=0.999))
 
     c.data = default_data_config()  # keys documented in clef_jax/data/config.py
     # Used when data.dataset_dir does not exist yet: prepare it with data_prep first.
@@ -45,6 +49,16 @@ def default_config() -> ml_collections.ConfigDict:
     ))
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3, async_save=True))
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1), axes=("data", "fsdp")))
+    # Parameter sharding as data (clef_jax/sharding.py). param_rules: (regex over the parameter
+    # path, per-dimension mesh axes) pairs, aligned to trailing dims; the FIRST match wins.
+    # logical_rules: (logical axis, mesh axes or None) pairs for the Transformer's annotated
+    # parameters. Mesh axes the mesh lacks are skipped; a dim they do not divide is replicated.
+    from clef_jax import sharding
+
+    c.sharding = ml_collections.ConfigDict(dict(
+        param_rules=sharding.NET1D_RULES,
+        logical_rules=tuple(sharding.LOGICAL_RULES.items()),
+    ))
     c.distributed = ml_collections.ConfigDict(dict(
         mode="auto",  # auto | off | on
         coordinator_address="", num_processes=0, process_id=-1, local_device_ids=(),
@@ -71,6 +85,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
     require(c.model.in_channels >= 1, "model.in_channels", "must be >= 1")
     require(c.model.compute_dtype in ("float32", "bfloat16", "float16"), "model.compute_dtype",
             f"{c.model.compute_dtype!r} is not one of float32, bfloat16, float16")
+    require(c.model.remat in ("none", "block", "dots"), "model.remat",
+            f"{c.model.remat!r} is not one of none, block, dots")
+    require(c.model.remat == "none" or c.model.name == "msformer", "model.remat",
+            f"{c.model.name} has no remat option; use 'none'")
+    from clef_jax.sharding import rule_problems
+
+    for key, message in rule_problems(c.sharding.param_rules, c.sharding.logical_rules):
+        require(False, f"sharding.{key}", message)
     require(c.train.global_batch_size >= 1, "train.global_batch_size", "must be >= 1")
     require(c.train.num_steps > 0 or c.train.num_epochs > 0, "train.num_epochs",
             "set train.num_epochs or train.num_steps to a positive number")
@@ -78,6 +100,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     require(c.checkpoint.every_steps >= 1, "checkpoint.every_steps", "must be >= 1")
     require(c.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
     require(c.loss.temperature > 0, "loss.temperature", "must be positive")
+    require(c.projection.dim >= 0, "projection.dim", "must be >= 0 (0: the method's default)")
+    require(c.projection.hidden_dim >= 0, "projection.hidden_dim",
+            "must be >= 0 (0: the backbone's embedding width)")
     require(0.0 <= c.data.same_lead_prob <= 1.0, "data.same_lead_prob", "must be in [0, 1]")
     require(bool(c.data.dataset_dir), "data.dataset_dir",
             "is empty; point it at a directory written by `python -m data_prep build`")
@@ -86,6 +111,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
             f"unknown lead(s) {unknown}; valid: {', '.join(LEAD_NAMES)}")
     require(c.distributed.mode in ("auto", "on", "off"), "distributed.mode",
             f"{c.distributed.mode!r} is not one of auto, on, off")
+    if c.method == "byol":
+        require(c.byol.predictor_hidden_dim >= 1, "byol.predictor_hidden_dim", "must be >= 1")
     if c.method == "moco":
         require(c.moco.queue_size % c.train.global_batch_size == 0, "moco.queue_size",
                 f"{c.moco.queue_size} must be a multiple of train.global_batch_size "

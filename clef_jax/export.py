@@ -61,7 +61,7 @@ class ExportResult:
 def backbone_state_dict(backbone: Any, name: str) -> dict[str, np.ndarray]:
     """The PyTorch-layout state_dict of a loaded backbone (Net1D: the released keys)."""
     if name == "net1d":
-        from clef_jax.models.net1d import to_torch_state_dict
+        from clef_jax.models.net1d_state_dict import to_torch_state_dict
 
         return to_torch_state_dict(backbone)
     if name == "msformer":

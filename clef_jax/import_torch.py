@@ -146,7 +146,7 @@ def import_weights(path: str | Path, workdir: str | Path, *, size: str | None = 
     size, in_channels = inferred_size, inferred_channels
     # JAX and Orbax are imported only now, so that a bad file is reported in a blink.
     from clef_jax import checkpoint
-    from clef_jax.models.net1d import from_torch_state_dict
+    from clef_jax.models.net1d_state_dict import from_torch_state_dict
     from clef_jax.weights_io import jsonable, state_dict_sha256
 
     try:

@@ -175,7 +175,7 @@ def _prepare(
     return features, jnp.tile(s_meta.astype(dtype), (2, 2)), dtype
 
 
-def _nce_from_tiled(
+def _clinically_guided_nce_from_tiled(
     features: jax.Array, s_tiled: jax.Array, dtype: jnp.dtype, temperature: float | jax.Array
 ) -> jax.Array:
     n = features.shape[0]
@@ -215,7 +215,7 @@ def clinically_guided_nce(
     temperature: float | jax.Array = 0.07,
     use_missing_mask: bool = False,
 ) -> jax.Array:
-    """CLEF clinically-guided NCE over (2B, D) features; scalar.
+    """CLEF clinically-guided NCE (risk-weighted negatives) over (2B, D) features; scalar.
 
     s = cos(z_i, z_j) / tau; W = row softmax of 1 - tile(S_meta) (full row, not renormalised);
     e_ij = exp(s_ij - max_{j != i} s_ij); loss = mean_i -log(pos_i / (pos_i + neg_i + 1e-8))
@@ -223,7 +223,7 @@ def clinically_guided_nce(
     B = 1: no negatives, neg = 0 and the loss is -log(1 / (1 + 1e-8)) ~ 1e-8, gradient ~ 0.
     """
     features, s_tiled, dtype = _prepare(features, risk, missing_rate, use_missing_mask)
-    return _nce_from_tiled(features, s_tiled, dtype, temperature)
+    return _clinically_guided_nce_from_tiled(features, s_tiled, dtype, temperature)
 
 
 def similarity_alignment(
@@ -250,14 +250,19 @@ def clef_loss_parts(
     temperature: float | jax.Array = 0.07,
     use_missing_mask: bool = False,
 ) -> dict[str, jax.Array]:
-    """CLEF loss and its parts for logging: {"loss", "nce", "alignment"}, all scalars.
+    """CLEF loss and its parts for logging: {"loss", "clinically_guided_nce", "alignment"}.
 
+    All scalars; the keys become the metric names in metrics.jsonl.
     loss = (clinically_guided_nce + similarity_alignment) / 2; S_meta is computed once.
     """
     features, s_tiled, dtype = _prepare(features, risk, missing_rate, use_missing_mask)
-    nce = _nce_from_tiled(features, s_tiled, dtype, temperature)
-    alignment = _alignment_from_tiled(features, s_tiled, dtype)
-    return {"loss": (nce + alignment) / 2, "nce": nce, "alignment": alignment}
+    parts = {
+        "clinically_guided_nce": _clinically_guided_nce_from_tiled(
+            features, s_tiled, dtype, temperature
+        ),
+        "alignment": _alignment_from_tiled(features, s_tiled, dtype),
+    }
+    return {"loss": (parts["clinically_guided_nce"] + parts["alignment"]) / 2, **parts}
 
 
 def clef_loss(

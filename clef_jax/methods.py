@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -97,18 +97,23 @@ class Method:
     """Base strategy: SimCLR-style symmetric contrastive loss on the two views."""
 
     config: ml_collections.ConfigDict
+    #: Projection head output width when `config.projection.dim` is 0 (0 here: no head).
+    default_projection: ClassVar[int] = 0
+
+    def _projection_out(self) -> int:
+        return self.config.projection.dim or self.default_projection
 
     def build(self, rngs: nnx.Rngs) -> ContrastiveModel:
-        return ContrastiveModel(self._encoder(rngs, self.config.model.projection_dim))
+        return ContrastiveModel(self._encoder(rngs))
 
-    def _encoder(self, rngs: nnx.Rngs, projection_dim: int) -> Encoder:
+    def _encoder(self, rngs: nnx.Rngs) -> Encoder:
         m = self.config.model
         backbone = create_backbone(m.name, m.size, m.in_channels, rngs=rngs,
-                                   dtype=jnp.dtype(m.compute_dtype))
+                                   dtype=jnp.dtype(m.compute_dtype), remat=m.remat)
         projector = None
-        if projection_dim:
+        if out := self._projection_out():
             dim = embedding_dim(m.name, m.size)
-            projector = MLPHead(dim, m.projection_hidden_dim or dim, projection_dim, rngs=rngs)
+            projector = MLPHead(dim, self.config.projection.hidden_dim or dim, out, rngs=rngs)
         return Encoder(backbone, projector)
 
     def loss(self, model: ContrastiveModel, batch: dict[str, jax.Array]
@@ -126,7 +131,10 @@ class SimCLR(Method):
 
 
 class Clef(Method):
-    """Clinically-guided NCE + risk/similarity alignment (the paper's loss)."""
+    """CLEF, the paper's loss: clinically-guided NCE + risk/similarity alignment.
+
+    Metrics: "loss", "clinically_guided_nce", "alignment" (`losses.clef_loss_parts`).
+    """
 
     def loss(self, model, batch):
         z1, z2 = encode_views(model.online, batch["view1"], batch["view2"])
@@ -140,10 +148,12 @@ class Clef(Method):
 class Byol(Method):
     """BYOL: online projector + predictor regress an EMA target's projections."""
 
+    default_projection = 256
+
     def build(self, rngs):
-        c = self.config.byol
-        online = self._encoder(rngs, c.projection_dim)
-        predictor = MLPHead(c.projection_dim, c.hidden_dim, c.projection_dim, rngs=rngs)
+        online = self._encoder(rngs)
+        out = self._projection_out()
+        predictor = MLPHead(out, self.config.byol.predictor_hidden_dim, out, rngs=rngs)
         return ContrastiveModel(online, predictor=predictor, target=nnx.clone(online))
 
     def loss(self, model, batch):
@@ -160,10 +170,12 @@ class Byol(Method):
 class Moco(Method):
     """MoCo: momentum key encoder and a queue of past keys as negatives (symmetrised)."""
 
+    default_projection = 128
+
     def build(self, rngs):
-        c = self.config.moco
-        online = self._encoder(rngs, c.projection_dim)
-        queue = jax.random.normal(rngs.params(), (c.queue_size, c.projection_dim))
+        online = self._encoder(rngs)
+        queue = jax.random.normal(rngs.params(),
+                                  (self.config.moco.queue_size, self._projection_out()))
         queue = queue / jnp.linalg.norm(queue, axis=1, keepdims=True)
         return ContrastiveModel(online, target=nnx.clone(online), queue=queue)
 

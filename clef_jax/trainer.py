@@ -1,8 +1,9 @@
 """The sharded train state and the jitted contrastive train step.
 
 State is born sharded: the model and optimiser are first traced abstractly
-(`nnx.eval_shape`), shardings are derived from the rule table, and a jitted initialiser with
-those out_shardings materialises every array directly on its devices. The step is a pure
+(`nnx.eval_shape`), shardings are derived from the config's rules (`config.sharding`, mapped
+by `clef_jax.sharding`), and a jitted initialiser with those out_shardings materialises every
+array directly on its devices. The step is a pure
 function of (state, batch) jitted with in/out shardings and the state donated; the loss sees
 the global batch, so N devices with per-device batch b compute exactly the one-device loss
 on batch N·b.
@@ -10,6 +11,7 @@ on batch N·b.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -47,7 +49,7 @@ class Trainer:
         abstract = nnx.eval_shape(self._new_state)
         self.graphdef, self.abstract_state = nnx.split(abstract)
         self.state_shardings = sharding.state_shardings(self.abstract_state, mesh,
-                                                        self._rules())
+                                                        *self._rules())
         self.batch_sharding = sharding.batch_sharding(mesh)
         replicated = NamedSharding(mesh, PartitionSpec())
         self._init = jax.jit(lambda: nnx.state(self._new_state()),
@@ -57,8 +59,11 @@ class Trainer:
                             out_shardings=(self.state_shardings, replicated),
                             donate_argnums=0)
 
-    def _rules(self) -> tuple[sharding.ShardingRule, ...]:
-        return sharding.NET1D_RULES
+    def _rules(self) -> tuple[tuple[sharding.ShardingRule, ...], sharding.LogicalRules]:
+        """(path rules, logical rules) from `config.sharding`; the built-in tables without it."""
+        if "sharding" not in self.config:
+            return sharding.NET1D_RULES, sharding.LOGICAL_RULES
+        return sharding.rules_from_config(self.config.sharding)
 
     def _new_state(self) -> TrainState:
         model = self.method.build(nnx.Rngs(self.config.train.seed))
@@ -103,25 +108,53 @@ class Trainer:
                                        self.state_shardings[part].to_pure_dict())
 
     def compiled_step_report(self, global_batch_size: int, length: int) -> dict[str, Any]:
-        """Lower and compile the step for this mesh without running it (ahead-of-time check)."""
+        """Lower and compile the real train step for this mesh without running it.
+
+        Nothing is allocated: state and batch are abstract arrays carrying their shardings.
+        Memory fields are XLA's memory analysis of the compiled per-device program;
+        "flops_per_step" is the compiled (per-device) cost analysis, "train_flops" and
+        "forward_flops" (the loss alone) are global, from the un-partitioned lowered programs;
+        "param_bytes_per_device" is the trainable parameters' share on the first device.
+        """
         c = self.config.model
         view = jax.ShapeDtypeStruct((global_batch_size, length, c.in_channels), jnp.float32,
                                     sharding=self.batch_sharding)
         vec = jax.ShapeDtypeStruct((global_batch_size,), jnp.float32, sharding=self.batch_sharding)
         batch = {"view1": view, "view2": view, "risk": vec, "missing_rate": vec}
         state = sharding.to_shape_dtype(self.abstract_state, self.state_shardings)
+
+        def forward(state: nnx.State, batch: Mapping[str, jax.Array]) -> jax.Array:
+            return self.method.loss(nnx.merge(self.graphdef, state).model, batch)[0]
+
         with jax.set_mesh(self.mesh):
-            compiled = self.step.lower(state, batch).compile()
+            lowered = self.step.lower(state, batch)
+            forward_lowered = jax.jit(forward).lower(state, batch)
+            compiled = lowered.compile()
         report: dict[str, Any] = {"devices": int(self.mesh.size),
                                   "mesh": dict(self.mesh.shape)}
         memory = compiled.memory_analysis()
         if memory is not None:
             for field in ("argument_size_in_bytes", "output_size_in_bytes",
-                          "temp_size_in_bytes", "generated_code_size_in_bytes"):
+                          "temp_size_in_bytes", "alias_size_in_bytes",
+                          "generated_code_size_in_bytes"):
                 report[field] = int(getattr(memory, field, 0))
-        cost = compiled.cost_analysis()
-        if isinstance(cost, list):
-            cost = cost[0] if cost else None
+        cost = _first_cost(compiled.cost_analysis())
         if cost and "flops" in cost:
             report["flops_per_step"] = float(cost["flops"])
+        for key, program in (("train_flops", lowered), ("forward_flops", forward_lowered)):
+            cost = _first_cost(program.cost_analysis())
+            if cost and "flops" in cost:
+                report[key] = float(cost["flops"])
+        params = nnx.filter_state(self.abstract_state["model"], nnx.Param)
+        shardings = nnx.filter_state(self.state_shardings["model"], nnx.Param)
+        report["param_bytes_per_device"] = sum(
+            math.prod(s.shard_shape(a.shape)) * jnp.dtype(a.dtype).itemsize
+            for a, s in zip(jax.tree.leaves(params), jax.tree.leaves(shardings), strict=True))
         return report
+
+
+def _first_cost(cost: Any) -> dict[str, Any] | None:
+    """A cost analysis as one dict (some jax versions return a list of one per program)."""
+    if isinstance(cost, list | tuple):
+        return cost[0] if cost else None
+    return cost

@@ -17,17 +17,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from clef_jax.aot import aot_compile_report
 from clef_jax.models.msformer import (
-    MSFORMER_LOGICAL_RULES,
     MSFORMER_SIZES,
-    aot_compile_report,
     count_parameters,
     create_msformer,
     msformer_param_partition_specs,
     msformer_param_shardings,
 )
+from clef_jax.sharding import LOGICAL_RULES
 
-# Net1D's parameter counts (DESIGN.md) and embedding widths: MSFormer must match within 15 %.
+# Net1D's parameter counts (docs/design.md) and embedding widths: MSFormer must match within 15 %.
 NET1D = {"small": (447_792, 256), "medium": (30_654_000, 1024), "large": (296_623_360, 2048)}
 AXES = ("data", "fsdp", "model")
 
@@ -168,18 +168,18 @@ def test_partition_specs_follow_rules_and_fall_back() -> None:
     assert mlp.fc2.get_value() == jax.P("model", "fsdp")
     assert specs.final_norm.scale.get_value() == jax.P(None)
     # Not divisible: 3 scales over model=2, 4 heads over 8 devices -> replicated.
-    rules = dict(MSFORMER_LOGICAL_RULES, scale="model", heads=("data", "fsdp", "model"))
+    rules = dict(LOGICAL_RULES, scale="model", heads=("data", "fsdp", "model"))
     specs = msformer_param_partition_specs(model, mesh, rules)
     assert specs.embed.scale_embedding.get_value() == jax.P(None, "fsdp")
     assert specs.blocks[0].attn.query.get_value() == jax.P("fsdp", None, None)
     # A mesh axis is used once per spec: the second claim on "model" falls back.
-    rules = dict(MSFORMER_LOGICAL_RULES, embed="model")
+    rules = dict(LOGICAL_RULES, embed="model")
     specs = msformer_param_partition_specs(model, mesh, rules)
     assert specs.blocks[0].mlp.fc1.get_value() == jax.P("model", None)
     with pytest.raises(ValueError, match="mesh axes \\['tensor'\\]"):
-        msformer_param_partition_specs(model, mesh, dict(MSFORMER_LOGICAL_RULES, mlp="tensor"))
+        msformer_param_partition_specs(model, mesh, dict(LOGICAL_RULES, mlp="tensor"))
     with pytest.raises(ValueError, match="no sharding rule for logical axis 'heads'"):
-        rules = {k: v for k, v in MSFORMER_LOGICAL_RULES.items() if k != "heads"}
+        rules = {k: v for k, v in LOGICAL_RULES.items() if k != "heads"}
         msformer_param_partition_specs(model, mesh, rules)
 
 
@@ -215,9 +215,11 @@ def test_sharded_matches_one_device(small: nnx.Module) -> None:
 
 
 def test_aot_compile_report_small() -> None:
+    # The real CLEF train step: 4 patients, 8 views; FLOPs are reported per view.
     cfg = MSFORMER_SIZES["small"]
     length, batch = 5000, 4
     report = aot_compile_report("small", (2, 2, 2), batch, length)
+    assert report["views"] == 2 * batch
     total_param_bytes = 4 * count_parameters("small")
     assert report["mesh"] == {"data": 2, "fsdp": 2, "model": 2}
     # Sharded: each device holds well under the whole model but at least 1/8 of it.
@@ -241,7 +243,7 @@ def test_aot_compile_report_small() -> None:
 @pytest.mark.slow
 def test_aot_cli_fakes_devices() -> None:
     # A fresh interpreter: the CLI must set up the fake devices itself, before jax starts.
-    cmd = [sys.executable, "-m", "clef_jax.models.msformer", "--aot", "--size", "small"]
+    cmd = [sys.executable, "-m", "clef_jax.aot", "--aot", "--size", "small"]
     cmd += ["--mesh", "1,2,2", "--length", "500"]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)

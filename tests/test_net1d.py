@@ -21,12 +21,11 @@ from clef_jax.models.net1d import (
     SameConv,
     count_parameters,
     create_net1d,
-    from_torch_state_dict,
     net1d_config,
     same_padding,
     shortcut_max_pool,
-    to_torch_state_dict,
 )
+from clef_jax.models.net1d_state_dict import from_torch_state_dict, to_torch_state_dict
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +122,8 @@ def test_golden_round_trip_is_bit_exact(golden_model, golden):
 
 
 def test_loads_torch_tensors(golden):
-    torch = pytest.importorskip("torch")
+    import torch
+
     tensors = {k: torch.from_numpy(v.copy()) for k, v in golden[0].items()}
     model = from_torch_state_dict(tensors, "small")
     assert_state_dicts_identical(to_torch_state_dict(model), golden[0])
@@ -201,7 +201,8 @@ def test_unused_batchnorm_is_not_trainable(golden_model):
 
 
 def test_init_follows_pytorch_default_bounds(small12_model):
-    torch = pytest.importorskip("torch")
+    import torch
+
     model = small12_model
     conv = model.stages[5].blocks[0].conv2  # middle 128, groups 32 -> fan_in 4 * 16
     bound = 1 / math.sqrt(4 * 16)
@@ -304,7 +305,6 @@ def test_registry():
 
 
 def test_registry_builds_msformer_lazily():
-    pytest.importorskip("clef_jax.models.msformer")
     model = nnx.eval_shape(lambda: create_backbone("msformer", "small", rngs=nnx.Rngs(0)))
     out = nnx.eval_shape(_forward, model, jax.ShapeDtypeStruct((2, 5000, 1), jnp.float32))
     assert out.shape == (2, embedding_dim("msformer", "small"))

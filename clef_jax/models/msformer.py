@@ -37,16 +37,16 @@ Numerics: parameters in `param_dtype` (fp32), matmuls in `dtype` (e.g. bf16); la
 attention softmax, pooling and the final projection in fp32. **The output is always float32.**
 
 Sharding: every parameter carries logical axis names (see `msformer_layers`), mapped to a
-(data, fsdp, model) mesh by `MSFORMER_LOGICAL_RULES`: width over `fsdp`, heads and MLP hidden
-over `model` (tensor parallelism), with replication wherever a dimension does not divide.
+(data, fsdp, model) mesh by `clef_jax.sharding.LOGICAL_RULES` (or `config.sharding.logical_rules`):
+width over `fsdp`, heads and MLP hidden over `model` (tensor parallelism), with replication
+wherever a dimension does not divide.
 
-Compile-only check (memory per device, FLOPs per view), on fake CPU devices:
-`python -m clef_jax.models.msformer --aot --size large --mesh 2,2,2 [--batch 16 --remat block]`.
+Compile-only check of the real train step (memory per device, FLOPs per view), on fake CPU
+devices: `python -m clef_jax.aot --aot --size large --mesh 2,2,2 [--batch 16 --remat block]`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -55,8 +55,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+# The size table is shared with the PyTorch twin; re-exported in __all__.
+from clef_jax.model_sizes import MSFORMER_SIZES, MSFormerConfig, msformer_config
 from clef_jax.models.msformer_layers import (
-    MSFORMER_LOGICAL_RULES,
     Block,
     LayerNorm,
     annotated_param,
@@ -66,26 +67,6 @@ from clef_jax.models.msformer_layers import (
 )
 
 REMAT_POLICIES = ("none", "block", "dots")
-
-
-@dataclasses.dataclass(frozen=True)
-class MSFormerConfig:
-    """Architecture of one MSFormer size."""
-
-    width: int
-    depth: int
-    heads: int
-    mlp_hidden: int
-    embedding_dim: int
-    patch_sizes: tuple[int, ...] = (10, 25, 50)
-    sample_rate_hz: float = 500.0
-
-
-MSFORMER_SIZES: dict[str, MSFormerConfig] = {
-    "small": MSFormerConfig(width=128, depth=2, heads=4, mlp_hidden=512, embedding_dim=256),
-    "medium": MSFormerConfig(width=512, depth=10, heads=8, mlp_hidden=2048, embedding_dim=1024),
-    "large": MSFormerConfig(width=1024, depth=24, heads=16, mlp_hidden=4096, embedding_dim=2048),
-}
 
 
 def time_encoding(centres_s: jax.Array, width: int, min_period_s: float) -> jax.Array:
@@ -291,12 +272,11 @@ def create_msformer(
     possible, else XLA). Dropout and stochastic depth are off by default; when on, call with
     `deterministic=False` during training and give `rngs` a "dropout" stream.
     """
-    if size not in MSFORMER_SIZES:
-        raise ValueError(f"unknown MSFormer size {size!r}; choose one of {sorted(MSFORMER_SIZES)}")
+    cfg = msformer_config(size)
     if in_channels < 1:
         raise ValueError(f"in_channels must be >= 1, got {in_channels}")
     return MSFormer(
-        MSFORMER_SIZES[size],
+        cfg,
         in_channels,
         rngs=rngs,
         dtype=dtype,
@@ -315,17 +295,7 @@ def count_parameters(size: str, in_channels: int = 1) -> int:
     return int(sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params)))
 
 
-def __getattr__(name: str) -> Any:
-    # The compile-only report lives in its own module (it imports this one); re-export lazily.
-    if name == "aot_compile_report":
-        from clef_jax.models.msformer_aot import aot_compile_report
-
-        return aot_compile_report
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 __all__ = [
-    "MSFORMER_LOGICAL_RULES",
     "MSFORMER_SIZES",
     "MSFormer",
     "MSFormerConfig",
@@ -334,8 +304,3 @@ __all__ = [
     "msformer_param_partition_specs",
     "msformer_param_shardings",
 ]
-
-if __name__ == "__main__":
-    from clef_jax.models.msformer_aot import main
-
-    main()

@@ -7,8 +7,8 @@ Conventions shared by every layer here:
 - Layer norms and attention softmax run in fp32 whatever the compute dtype: both reduce over
   many values and bf16's 8-bit mantissa loses the small differences they depend on.
 - Every parameter carries logical axis names in Flax's standard `out_sharding` metadata
-  (`nnx.with_partitioning`), so `nnx.get_partition_spec` under `nnx.logical_axis_rules`, or
-  `msformer.msformer_param_partition_specs`, maps them onto a device mesh. Eager sharding is
+  (`nnx.with_partitioning`); `clef_jax.sharding` (the one logical -> mesh mapper, used by the
+  Trainer and by `msformer_param_partition_specs`) maps them onto a device mesh. Eager sharding is
   switched off per parameter: logical names are not mesh axes, and creating a model must not
   need a mesh.
 - Activation sharding constraints (`constrain`) are hints for GSPMD that only apply when the
@@ -18,15 +18,14 @@ Conventions shared by every layer here:
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from clef_jax.sharding import LOGICAL_RULES
+from clef_jax import sharding
 
 Initializer = Callable[..., jax.Array]
 
@@ -65,41 +64,23 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     # constraint would have to be a reshard, which is the caller's decision, not the model's.
     if mesh.empty or not mesh.are_all_axes_auto:
         return x
-    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
-    spec: list[tuple[str, ...] | None] = []
-    for dim, name in zip(x.shape, axes, strict=True):
-        mesh_axes = tuple(a for a in MSFORMER_ACTIVATION_RULES.get(name, ()) if a in sizes)
-        size = 1
-        for a in mesh_axes:
-            size *= sizes[a]
-        spec.append(mesh_axes if mesh_axes and dim % size == 0 else None)
-    return jax.lax.with_sharding_constraint(x, jax.P(*spec))
-
-
-# Logical parameter axis -> mesh axis (or axes) of a (data, fsdp, model) mesh; None replicates.
-MSFORMER_LOGICAL_RULES = LOGICAL_RULES  # the table lives with the other sharding rules
-
-
-def _mesh_axes(rule: str | tuple[str, ...] | None) -> tuple[str, ...]:
-    if rule is None:
-        return ()
-    return (rule,) if isinstance(rule, str) else tuple(rule)
+    mesh_axes = [MSFORMER_ACTIVATION_RULES.get(name) if name else None for name in axes]
+    return jax.lax.with_sharding_constraint(x, sharding.fit_spec(mesh_axes, x.shape, mesh))
 
 
 def msformer_param_partition_specs(
     model_or_state: nnx.Module | nnx.State,
     mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh,
-    rules: Mapping[str, str | tuple[str, ...] | None] = MSFORMER_LOGICAL_RULES,
+    rules: sharding.LogicalRules = sharding.LOGICAL_RULES,
 ) -> nnx.State:
-    """PartitionSpec for every variable, from its logical axes, `rules` and the mesh shape.
+    """PartitionSpec for every variable, from its logical axes and `rules` (logical -> mesh).
 
-    A dimension stays replicated when the mesh axes it maps to do not divide it, or when an
-    earlier dimension of the same parameter already uses one of them (a mesh axis may appear
-    once per spec). Variables without logical axes (RNG state) are replicated. Works on concrete
-    or abstract (`nnx.eval_shape`) models and states; the result mirrors `nnx.get_partition_spec`.
+    The mapping is `clef_jax.sharding.partition_spec_for`, the one the Trainer uses: see there
+    for when a dimension stays replicated and what raises. Variables without logical axes (RNG
+    state) are replicated. Works on concrete or abstract (`nnx.eval_shape`) models and states;
+    the result mirrors `nnx.get_partition_spec`.
     """
     state = nnx.state(model_or_state) if isinstance(model_or_state, nnx.Module) else model_or_state
-    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
 
     def spec_for(path: Sequence[Any], var: nnx.Variable) -> nnx.Variable:
         axes = var.get_metadata().get("out_sharding")
@@ -107,28 +88,7 @@ def msformer_param_partition_specs(
             return var.replace(jax.P())
         where = jax.tree_util.keystr(tuple(path))
         shape = var.get_value().shape
-        used: set[str] = set()
-        spec: list[tuple[str, ...] | None] = []
-        for dim, name in zip(shape, axes, strict=True):
-            if name is None:
-                spec.append(None)
-                continue
-            if name not in rules:
-                raise ValueError(f"no sharding rule for logical axis {name!r} (parameter {where})")
-            mesh_axes = _mesh_axes(rules[name])
-            missing = [a for a in mesh_axes if a not in sizes]
-            if missing:
-                raise ValueError(
-                    f"rule {name!r} -> {rules[name]!r} names mesh axes {missing} that the mesh "
-                    f"{tuple(sizes)} lacks (parameter {where})"
-                )
-            shards = math.prod(sizes[a] for a in mesh_axes)
-            if mesh_axes and dim % shards == 0 and not used.intersection(mesh_axes):
-                spec.append(mesh_axes)
-                used.update(mesh_axes)
-            else:
-                spec.append(None)
-        return var.replace(jax.P(*spec))
+        return var.replace(sharding.partition_spec_for(where, shape, mesh, (), axes, rules))
 
     return jax.tree_util.tree_map_with_path(
         spec_for, state, is_leaf=lambda x: isinstance(x, nnx.Variable)
@@ -138,7 +98,7 @@ def msformer_param_partition_specs(
 def msformer_param_shardings(
     model_or_state: nnx.Module | nnx.State,
     mesh: jax.sharding.Mesh,
-    rules: Mapping[str, str | tuple[str, ...] | None] = MSFORMER_LOGICAL_RULES,
+    rules: sharding.LogicalRules = sharding.LOGICAL_RULES,
 ) -> nnx.State:
     """NamedSharding for every variable (see `msformer_param_partition_specs`)."""
     specs = msformer_param_partition_specs(model_or_state, mesh, rules)

@@ -19,32 +19,18 @@ scale, mean of the scale means, linear projection. Inference only (no dropout).
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import types
-from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+# The JAX model's own size table (pure Python, no JAX); `X as X` re-exports it.
+from clef_jax.model_sizes import MSFORMER_SIZES as MSFORMER_SIZES
+from clef_jax.model_sizes import MSFormerConfig, msformer_config
 
-@dataclasses.dataclass(frozen=True)
-class MSFormerSpec:
-    width: int
-    depth: int
-    heads: int
-    mlp_hidden: int
-    embedding_dim: int
-    patch_sizes: tuple[int, ...] = (10, 25, 50)
-    sample_rate_hz: float = 500.0
-
-
-MSFORMER_SIZES: Mapping[str, MSFormerSpec] = types.MappingProxyType({
-    "small": MSFormerSpec(width=128, depth=2, heads=4, mlp_hidden=512, embedding_dim=256),
-    "medium": MSFormerSpec(width=512, depth=10, heads=8, mlp_hidden=2048, embedding_dim=1024),
-    "large": MSFormerSpec(width=1024, depth=24, heads=16, mlp_hidden=4096, embedding_dim=2048),
-})
+# Kept as this module's name for a size's architecture; the class is the JAX model's.
+MSFormerSpec = MSFormerConfig
 
 _EPS = 1e-6
 
@@ -162,7 +148,4 @@ class MSFormer(nn.Module):
 
 def create_msformer_by_size(size: str, in_channels: int = 1) -> MSFormer:
     """An MSFormer of a named size ("small", "medium", "large"); load exported weights into it."""
-    if size not in MSFORMER_SIZES:
-        raise ValueError(f"unknown MSFormer size {size!r}; valid sizes: "
-                         f"{', '.join(MSFORMER_SIZES)}")
-    return MSFormer(MSFORMER_SIZES[size], in_channels)
+    return MSFormer(msformer_config(size), in_channels)

@@ -1,6 +1,6 @@
 """Net1D in PyTorch: a twin of `clef_jax.models.net1d`, state_dict-compatible with the release.
 
-Written from the architecture facts in DESIGN.md (not from the authors' code). Module names
+Written from the Net1D facts in docs/design.md (not from the authors' code). Module names
 are chosen so that `state_dict()` has exactly the keys, order and shapes of the released CLEF
 checkpoints after stripping `backbone.`; a released `.ckpt`, or one exported by
 `python -m clef_jax.export`, therefore loads with `load_state_dict(..., strict=True)`.
@@ -10,43 +10,21 @@ the mean over time of the last stage. The BatchNorm modules exist only so that t
 matches (the released model is built with `use_bn=False`); the forward never calls them, and
 there is no dropout, so train and eval mode compute the same thing.
 
-This module imports torch only (no JAX), so PyTorch users need nothing else from clef_jax.
+This module imports torch and the pure-Python size table `clef_jax.model_sizes`, never JAX.
 """
 
 from __future__ import annotations
-
-import dataclasses
-import types
-from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+# The JAX model's own size table (pure Python, no JAX); `X as X` re-exports it.
+from clef_jax.model_sizes import NET1D_SIZES as NET1D_SIZES
+from clef_jax.model_sizes import Net1DConfig, net1d_config
 
-@dataclasses.dataclass(frozen=True)
-class Net1DSpec:
-    """Hyper-parameters of a released Net1D size (the same table as the JAX model's)."""
-
-    base_filters: int
-    ratio: float
-    filter_list: tuple[int, ...]
-    m_blocks_list: tuple[int, ...]
-    groups_width: int
-    kernel_size: int = 16
-    stride: int = 2
-
-    @property
-    def embedding_dim(self) -> int:
-        return self.filter_list[-1]
-
-
-NET1D_SIZES: Mapping[str, Net1DSpec] = types.MappingProxyType({
-    "small": Net1DSpec(32, 0.5, (32, 64, 64, 128, 128, 256), (1, 1, 2, 2, 2, 2), 8),
-    "medium": Net1DSpec(64, 1.0, (64, 160, 160, 400, 400, 1024, 1024), (2, 2, 2, 3, 3, 4, 4), 16),
-    "large": Net1DSpec(128, 1.5, (128, 256, 256, 512, 512, 1024, 1024, 2048, 2048),
-                       (2, 3, 3, 4, 4, 5, 5, 6, 6), 32),
-})
+# Kept as this module's name for a size's hyper-parameters; the class is the JAX model's.
+Net1DSpec = Net1DConfig
 
 
 def _same_padding(length: int, kernel_size: int, stride: int) -> tuple[int, int]:
@@ -178,6 +156,4 @@ class Net1D(nn.Module):
 
 def create_net1d_by_size(size: str, in_channels: int = 1) -> Net1D:
     """A Net1D of a released size ("small", "medium", "large"), PyTorch default init."""
-    if size not in NET1D_SIZES:
-        raise ValueError(f"unknown Net1D size {size!r}; valid sizes: {', '.join(NET1D_SIZES)}")
-    return Net1D(NET1D_SIZES[size], in_channels)
+    return Net1D(net1d_config(size), in_channels)

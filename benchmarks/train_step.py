@@ -6,7 +6,7 @@
 
 Runs on synthetic in-memory batches and imports only jax, flax, optax, orbax, chex and numpy
 (plus torch for the PyTorch column when it is installed, and TensorFlow only for the optional
-input-pipeline column), so it runs on a bare accelerator host. Every number in one table comes
+input-pipeline column, in a child process), so it runs on a bare accelerator host. Every number in one table comes
 from the same run: compare ratios, not absolute values across machines. Step time is the median
 of `--repeats` timed steps after `--warmup` steps; views/s = 2 · batch / step time. XLA's cost
 analysis gives the model FLOPs per view.
@@ -24,6 +24,7 @@ import os
 import pathlib
 import platform
 import statistics
+import subprocess
 import sys
 import time
 
@@ -129,7 +130,27 @@ def torch_step(size: str, batch: int, warmup: int, repeats: int) -> dict | None:
 
 
 def input_pipeline(batch: int, steps: int, dataset_dir: pathlib.Path) -> dict | None:
-    """Views/s the tf.data pipeline sustains alone (None where TensorFlow is absent)."""
+    """Views/s the tf.data pipeline sustains alone (None where TensorFlow is absent).
+
+    Measured in a child process: TensorFlow must not load into this one, where the torch
+    column's AdamW imports torch._dynamo and with it triton (default x86_64 torch wheel),
+    which segfaults in a process that has loaded TensorFlow (tensorflow 2.21 + triton 3.8).
+    """
+    code = ("import json, sys\n"
+            f"sys.path.insert(0, {str(pathlib.Path(__file__).resolve().parent)!r})\n"
+            "from train_step import _input_pipeline_here\n"
+            f"print(json.dumps(_input_pipeline_here({batch}, {steps}, {str(dataset_dir)!r})))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=False)
+    if done.returncode:
+        raise RuntimeError(f"input-pipeline benchmark failed (exit code {done.returncode}):\n"
+                           f"{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _input_pipeline_here(batch: int, steps: int, dataset: str) -> dict | None:
+    """`input_pipeline` in this process (the child's side)."""
+    dataset_dir = pathlib.Path(dataset)
     try:
         import ml_collections
         import tensorflow  # noqa: F401

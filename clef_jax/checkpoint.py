@@ -19,6 +19,7 @@ import dataclasses
 import errno
 import hashlib
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -103,15 +104,22 @@ def wait(manager: ocp.CheckpointManager) -> None:
         _raise_io_error(manager, None, e)
 
 
+# Errors that mean "the storage is full" (disk, quota, or a file-size limit): the save
+# stops with one message and the steps already written stay as they are.
+_OUT_OF_SPACE = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                 errno.EFBIG: "file too large for this filesystem or process limit"}
+
+
 def _raise_io_error(manager: ocp.CheckpointManager, step: int | None, e: Exception) -> None:
-    """Disk-full and OS errors become one CheckpointError; anything else is re-raised."""
+    """Out-of-space and OS errors become one CheckpointError; anything else is re-raised."""
     where = f"{manager.directory}" + (f" (step {step})" if step is not None else "")
-    # TensorStore reports ENOSPC inside a ValueError ("... [os_error_code='28']").
+    # TensorStore reports OS errors inside a ValueError ("... [os_error_code='28']").
     text = str(e)
-    if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in text \
-            or f"os_error_code='{errno.ENOSPC}'" in text:
-        raise CheckpointError(f"checkpoint save failed: no space left on device in {where}; "
-                              "earlier checkpoints are intact") from e
+    for code, reason in _OUT_OF_SPACE.items():
+        if getattr(e, "errno", None) == code or f"os_error_code='{code}'" in text \
+                or os.strerror(code) in text:
+            raise CheckpointError(f"checkpoint save failed: {reason} in {where}; "
+                                  "earlier checkpoints are intact") from e
     if isinstance(e, OSError):
         raise CheckpointError(f"checkpoint save failed in {where}: {e}") from e
     raise e

@@ -1,23 +1,86 @@
-"""Test setup: 8 fake CPU devices so sharding tests run anywhere.
+"""Test setup: 8 fake CPU devices, fast compiles and a persistent compilation cache.
 
-XLA reads the flag when the backend starts, so it must be set before anything imports jax.
+Why each choice (docs/design.md, "Test layout"): the suite is bound by XLA compile time.
+
+XLA reads its flags when the backend starts, so they are set before anything imports jax.
+The device-count flag is added to whatever XLA_FLAGS the caller has (replacing only an
+earlier count), so a test that needs 8 devices gets them or fails; it never skips.
 """
 
 import os
+import pathlib
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+N_DEVICES = 8
+_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+
+def _with_device_count(flags: str, n: int) -> str:
+    kept = [f for f in flags.split() if not f.startswith(_COUNT_FLAG)]
+    return " ".join([*kept, f"{_COUNT_FLAG}={n}"])
+
+
+_flags = _with_device_count(os.environ.get("XLA_FLAGS", ""), N_DEVICES)
+# The suite is bound by XLA compile time, most of it LLVM optimising CPU machine code for
+# programs that then run a step or two. Level 0 keeps every HLO program (and the HLO passes)
+# as they are and skips the LLVM optimisation: about a third less wall time. Benchmarks and
+# real runs keep the default level; a caller's own setting wins.
+if "--xla_backend_optimization_level" not in _flags:
+    _flags += " --xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = _flags
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Many tests compile the same train step (in this process, in xdist workers and in the CLI
+# subprocesses they start): a shared on-disk cache compiles each program once per machine.
+# The environment variables reach the subprocesses too.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR",
+    str(pathlib.Path(__file__).resolve().parents[1] / ".cache" / "jax-tests"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
-import pathlib  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 
 import pytest  # noqa: E402
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 
+# torch._dynamo (imported by torch.optim optimisers and torch.compile) loads triton where it is
+# installed, as with the default x86_64 torch wheel; loading triton into a process that has
+# already loaded TensorFlow segfaults (tensorflow 2.21 + triton 3.8), and this process loads
+# TensorFlow when it collects the data tests. So no test may load these here: such torch code
+# runs through tests/fresh_process.py. Checked with every wheel (the CPU wheel has no triton
+# but loads torch._dynamo alike), so a CPU run fails where the default wheel would crash.
+_NOT_IN_PYTEST_PROCESS = ("torch._dynamo", "torch._inductor", "triton")
+_loaded_already = {m for m in _NOT_IN_PYTEST_PROCESS if m in sys.modules}
+
+
+@pytest.fixture(autouse=True)
+def _no_triton_in_pytest_process(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield
+    now = {m for m in _NOT_IN_PYTEST_PROCESS if m in sys.modules}
+    new = sorted(now - _loaded_already)
+    _loaded_already.update(now)  # blame only the test that loaded them
+    if new:
+        pytest.fail(f"{request.node.nodeid} loaded {', '.join(new)} into the pytest process, "
+                    "which crashes with the default torch wheel once TensorFlow is loaded; "
+                    "run that torch code with fresh_process.run_in_fresh_process",
+                    pytrace=False)
+
 
 @pytest.fixture(scope="session")
 def fixtures_dir() -> pathlib.Path:
     return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def eight_devices():
+    """The 8 CPU devices this conftest asks XLA for; fails (never skips) without them."""
+    import jax
+
+    devices = jax.devices()
+    if len(devices) < N_DEVICES:
+        pytest.fail(f"needs {N_DEVICES} devices, found {len(devices)} ({devices[0].platform}); "
+                    f"XLA_FLAGS={os.environ.get('XLA_FLAGS')!r} must reach jax before it starts")
+    return devices[:N_DEVICES]
 
 
 @pytest.fixture(scope="session")

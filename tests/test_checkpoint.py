@@ -1,7 +1,10 @@
 """Orbax checkpoints: exact restore, restore onto another mesh, damaged steps skipped."""
 
+import json
+import os
 import shutil
 import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -50,32 +53,51 @@ def _restore(trainer, directory):
         manager.close()
 
 
-@pytest.mark.parametrize("save_shape,restore_shape", [((2, 4), (1, 1)), ((1, 1), (4, 2))])
-def test_checkpoint_restores_onto_another_mesh(tmp_path, save_shape, restore_shape):
-    if jax.device_count() < 8:
-        pytest.skip("needs 8 fake CPU devices (tests/conftest.py)")
+def _trained_state(trainer, steps=2, length=256):
+    """A state after real optimizer steps: Adam moments and the step counter are non-zero."""
+    rng = np.random.default_rng(0)
+    state = trainer.init()
+    b = trainer.config.train.global_batch_size
+    for _ in range(steps):
+        batch = {"view1": rng.standard_normal((b, length, 1), dtype=np.float32),
+                 "view2": rng.standard_normal((b, length, 1), dtype=np.float32),
+                 "risk": rng.uniform(0, 0.3, b).astype(np.float32),
+                 "missing_rate": rng.uniform(0, 1, b).astype(np.float32)}
+        with jax.set_mesh(trainer.mesh):
+            state, _ = trainer.step(state, trainer.global_batch(batch))
+    return state
 
-    def mesh(shape):
-        n = shape[0] * shape[1]
-        return sharding.make_mesh(shape, devices=jax.devices()[:n])
 
-    saver = Trainer(_config(), mesh(save_shape), steps_per_epoch=5)
-    state = saver.init()
-    _save_state(saver, state, tmp_path / "ckpt", step=7)
-    loader = Trainer(_config(), mesh(restore_shape), steps_per_epoch=5)
-    step, model_state, opt_state, meta = _restore(loader, tmp_path / "ckpt")
+def _mesh(shape, devices):
+    return sharding.make_mesh(shape, devices=devices[:shape[0] * shape[1]])
+
+
+@pytest.fixture(scope="module")
+def saved_on_2x4(tmp_path_factory, eight_devices):
+    """A state trained for 2 steps on a (2, 4) data x fsdp mesh, saved once for the module."""
+    saver = Trainer(_config(), _mesh((2, 4), eight_devices), steps_per_epoch=5)
+    state = _trained_state(saver)
+    assert any("fsdp" in tuple(leaf.sharding.spec) for leaf in jax.tree.leaves(state["model"]))
+    model = _host(nnx.State(state["model"]).to_pure_dict())
+    optimizer = _host(nnx.State(state["optimizer"]).to_pure_dict())
+    moments = [v for p, v in jax.tree_util.tree_leaves_with_path(optimizer)
+               if "nu" in jax.tree_util.keystr(p) and np.size(v) > 1]
+    assert moments and all(np.any(m != 0) for m in moments), "Adam moments are still zero"
+    directory = tmp_path_factory.mktemp("ckpt_2x4")
+    _save_state(saver, state, directory, step=7)
+    return directory, model, optimizer
+
+
+@pytest.mark.parametrize("restore_shape", [(1, 1), (4, 2)])
+def test_checkpoint_restores_onto_another_mesh(saved_on_2x4, eight_devices, restore_shape):
+    directory, saved_model, saved_optimizer = saved_on_2x4
+    loader = Trainer(_config(), _mesh(restore_shape, eight_devices), steps_per_epoch=5)
+    step, model_state, opt_state, meta = _restore(loader, directory)
     assert step == 7 and meta["step"] == 7 and meta["format"] == checkpoint.FORMAT
-    target_mesh = loader.mesh
-    for leaf in jax.tree.leaves(model_state):
-        assert leaf.sharding.mesh.shape == target_mesh.shape
-    np.testing.assert_equal(
-        _host(nnx.State(model_state).to_pure_dict()),
-        _host(nnx.State(state["model"]).to_pure_dict()),
-    )
-    np.testing.assert_equal(
-        _host(nnx.State(opt_state).to_pure_dict()),
-        _host(nnx.State(state["optimizer"]).to_pure_dict()),
-    )
+    for leaf in jax.tree.leaves((model_state, opt_state)):
+        assert leaf.sharding.mesh.shape == loader.mesh.shape
+    np.testing.assert_equal(_host(nnx.State(model_state).to_pure_dict()), saved_model)
+    np.testing.assert_equal(_host(nnx.State(opt_state).to_pure_dict()), saved_optimizer)
 
 
 def test_damaged_newest_step_is_skipped(tmp_path):
@@ -113,25 +135,40 @@ def test_missing_directory_is_a_clear_error(tmp_path):
         checkpoint.load_model_state(tmp_path / "nope")
 
 
-def test_disk_full_on_save_is_one_clear_error_and_keeps_earlier_steps(tmp_path):
-    """A real full filesystem: a 256 KiB tmpfs (needs root, as in CI; skipped otherwise)."""
-    mount_point = tmp_path / "small_disk"
-    mount_point.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
-        manager = checkpoint.make_manager(mount_point / "ckpt", max_to_keep=3)
-        small = {"w": np.ones(16, np.float32)}
-        checkpoint.save(manager, 1, model_state=small, optimizer_state=None, meta={})
-        checkpoint.wait(manager)
-        noise = np.random.default_rng(0).standard_normal(300_000).astype(np.float32)
-        with pytest.raises(checkpoint.CheckpointError, match="no space left on device"):
-            checkpoint.save(manager, 2, model_state={"w": noise}, optimizer_state=None, meta={})
-            checkpoint.wait(manager)
-        manager.close()
-        restored, meta = checkpoint.load_model_state(mount_point / "ckpt")
-        assert meta["step"] == 1
-        np.testing.assert_array_equal(restored["w"], small["w"])
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+# Run in a child process whose file-size limit (RLIMIT_FSIZE) is 1 MiB: a write past it fails
+# with EFBIG exactly where a full disk fails with ENOSPC, without root or a special mount.
+_SAVE_UNDER_A_SIZE_LIMIT = """
+import json, resource, signal, sys
+limit = int(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+# Without this the kernel kills the writer (SIGXFSZ) instead of failing the write.
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+import numpy as np
+from clef_jax import checkpoint
+manager = checkpoint.make_manager(sys.argv[1], max_to_keep=3)
+small = {"w": np.ones(16, np.float32)}
+checkpoint.save(manager, 1, model_state=small, optimizer_state=None, meta={})
+checkpoint.wait(manager)
+noise = np.random.default_rng(0).standard_normal(1_000_000).astype(np.float32)  # 4 MB
+try:
+    checkpoint.save(manager, 2, model_state={"w": noise}, optimizer_state=None, meta={})
+    checkpoint.wait(manager)
+except checkpoint.CheckpointError as e:
+    print(json.dumps({"error": str(e)}))
+else:
+    print(json.dumps({"error": None}))
+"""
+
+
+def test_full_disk_on_save_is_one_clear_error_and_keeps_earlier_steps(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    proc = subprocess.run([sys.executable, "-c", _SAVE_UNDER_A_SIZE_LIMIT, str(tmp_path / "ckpt"),
+                           str(1 << 20)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    error = json.loads(proc.stdout.strip().splitlines()[-1])["error"]
+    assert error is not None, "a save past the file-size limit did not fail"
+    assert "file too large" in error and str(tmp_path / "ckpt") in error, error
+    assert "earlier checkpoints are intact" in error
+    restored, meta = checkpoint.load_model_state(tmp_path / "ckpt")
+    assert meta["step"] == 1
+    np.testing.assert_array_equal(restored["w"], np.ones(16, np.float32))

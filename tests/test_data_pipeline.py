@@ -18,12 +18,11 @@ import sys
 import ml_collections
 import numpy as np
 import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+import wfdb
 
-tf = pytest.importorskip("tensorflow")
-tfds = pytest.importorskip("tensorflow_datasets")
-wfdb = pytest.importorskip("wfdb")
-
-from clef_jax import data as clef_data  # noqa: E402
+from clef_jax import data as clef_data
 from clef_jax.data import augment, noise  # noqa: E402
 from clef_jax.data import config as data_config  # noqa: E402
 
@@ -494,7 +493,8 @@ def test_noise_mat_layout(tmp_path, dataset_dir):
 
 def test_on_a_data_prep_build(tmp_path):
     """The real builder's output (`python -m data_prep build`, run in-process) feeds the pipeline."""
-    cli = pytest.importorskip("data_prep.cli")
+    from data_prep import cli
+
     out = tmp_path / "built"
     args = ["build", "--source", "ptb-xl", "--input", str(PTBXL), "--output", str(out)]
     assert cli.main([*args, "--limit", "24", "--shard-size", "8", "--no-progress"]) == 0
@@ -514,7 +514,8 @@ def test_on_a_data_prep_build(tmp_path):
 
 
 def test_accepts_the_trainer_config(dataset_dir):
-    defaults = pytest.importorskip("clef_jax.config_defaults")
+    from clef_jax import config_defaults as defaults
+
     c = defaults.default_config()
     c.data.dataset_dir = str(dataset_dir)
     cfg = data_config.InputConfig.from_config(c)

@@ -17,17 +17,16 @@ import sys
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
+import wfdb
 
-tfds = pytest.importorskip("tensorflow_datasets")
-wfdb = pytest.importorskip("wfdb")
-
-from data_prep import cli  # noqa: E402
-from data_prep.leads import STANDARD_LEADS  # noqa: E402
-from data_prep.records import read_wfdb_record  # noqa: E402
-from data_prep.score2 import compute_risk  # noqa: E402
-from data_prep.signals import PreprocessConfig, decode_int16, preprocess_record  # noqa: E402
-from data_prep.splits import hash_split  # noqa: E402
-from data_prep.tfds_writer import check_preprocess, read_settings  # noqa: E402
+from data_prep import cli
+from data_prep.leads import STANDARD_LEADS
+from data_prep.records import read_wfdb_record
+from data_prep.score2 import compute_risk
+from data_prep.signals import PreprocessConfig, decode_int16, preprocess_record
+from data_prep.splits import hash_split
+from data_prep.tfds_writer import check_preprocess, read_settings
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data_prep" / "sample_data"
@@ -423,7 +422,6 @@ def test_empty_splits_still_load(mimic_tree, tmp_path):
 
 
 def test_beam_direct_runner_matches_local_build(mimic_tree, mimic_build, tmp_path):
-    pytest.importorskip("apache_beam")
     root, meta, _, _ = mimic_tree
     out = tmp_path / "beam"
     assert build("mimic-iv-ecg", root, out, "--metadata", str(meta), *MIMIC_ARGS,

@@ -13,11 +13,10 @@ import shutil
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
-tfds = pytest.importorskip("tensorflow_datasets")
-
-from data_prep import cli  # noqa: E402
-from data_prep.leads import STANDARD_LEADS  # noqa: E402
+from data_prep import cli
+from data_prep.leads import STANDARD_LEADS
 
 SAMPLE = pathlib.Path(__file__).resolve().parents[1] / "data_prep" / "sample_data"
 PTB = SAMPLE / "ptbxl" / "records500" / "00000"

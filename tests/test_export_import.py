@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from fresh_process import run_in_fresh_process
 
 from clef_jax import checkpoint, sharding
 from clef_jax.config_defaults import default_config
 from clef_jax.export import backbone_state_dict, export_checkpoint
 from clef_jax.import_torch import import_weights
-from clef_jax.models.net1d import to_torch_state_dict
+from clef_jax.models.net1d_state_dict import to_torch_state_dict
 from clef_jax.torch_compat import create_net1d_by_size
 from clef_jax.weights_io import WeightsFileError, read_weights, write_safetensors
 from data_prep.signals import load_and_preprocess
@@ -117,11 +118,10 @@ def test_round_trip_sizes_and_channels(tmp_path, size, channels):
     model.load_state_dict(got, strict=True)
 
 
-def test_full_lightning_checkpoint_and_legacy_pth_import(tmp_path):
-    """What a Lightning run saves besides the weights (optimizer and scheduler state,
-    callbacks, loops, numpy scalars in hyper_parameters, other modules' tensors) loads under
-    weights_only; the non-backbone tensors are reported as ignored. A legacy (pre-zip)
-    torch.save file imports too."""
+def write_lightning_run_files(out_dir: pathlib.Path) -> None:
+    """`full.ckpt` as a Lightning run saves it and `legacy.pth` (pre-zip torch.save) of the
+    weights random_state("small", 1, seed=9). Run in a fresh process: the torch optimiser
+    imports torch._dynamo, and so triton (see fresh_process.py)."""
     state = random_state("small", 1, seed=9)
     model = create_net1d_by_size("small")
     model.load_state_dict(state)
@@ -139,14 +139,23 @@ def test_full_lightning_checkpoint_and_legacy_pth_import(tmp_path):
         "optimizer_states": [opt.state_dict()], "lr_schedulers": [sched.state_dict()],
         "hparams_name": "kwargs",
         "hyper_parameters": {"lr": np.float64(1e-4), "method": "clef", "size": "small"},
-    }, tmp_path / "full.ckpt")
+    }, out_dir / "full.ckpt")
+    torch.save(state, out_dir / "legacy.pth", _use_new_zipfile_serialization=False)
+
+
+def test_full_lightning_checkpoint_and_legacy_pth_import(tmp_path):
+    """What a Lightning run saves besides the weights (optimizer and scheduler state,
+    callbacks, loops, numpy scalars in hyper_parameters, other modules' tensors) loads under
+    weights_only; the non-backbone tensors are reported as ignored. A legacy (pre-zip)
+    torch.save file imports too."""
+    run_in_fresh_process(write_lightning_run_files, tmp_path)
+    state = random_state("small", 1, seed=9)  # the same numbers: a seeded generator
     result = import_weights(tmp_path / "full.ckpt", tmp_path / "w")
     assert result.ignored_keys == ["projector.0.weight"] and result.prefix == "backbone."
     _, meta = checkpoint.load_model_state(tmp_path / "w")
     assert meta["method"] == "clef"  # taken from the file's hyper_parameters
     assert meta["source_info"]["hyper_parameters"]["lr"] == pytest.approx(1e-4)
     assert meta["state_dict_sha256"] == result.state_dict_sha256
-    torch.save(state, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
     weights = read_weights(tmp_path / "legacy.pth")
     assert weights.format == "state_dict"
     assert all(weights.tensors[k].tobytes() == v.numpy().tobytes() for k, v in state.items())
@@ -471,9 +480,36 @@ def test_export_errors_name_the_problem(tmp_path):
 # ----------------------------------------------------------------------------- CLIs
 
 
+# What the CLI runs report having loaded. The torch CLIs must never load TensorFlow: torch
+# code there may import torch._dynamo, whose triton crashes a process that has loaded
+# TensorFlow (see fresh_process.py).
+_WATCHED = ("tensorflow", "tensorflow_datasets", "torch")
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True,
+    """`python -m MODULE ARGS...`, via runpy in a child that prints at exit which modules of
+    _WATCHED it loaded (see `_loaded`)."""
+    code = ("import atexit, runpy, sys\n"
+            "atexit.register(lambda: print('loaded modules:', "
+            f"*[m for m in {_WATCHED!r} if m in sys.modules]))\n"
+            f"sys.argv = {list(args)!r}\n"
+            "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n")
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                           text=True, timeout=600)
+
+
+def _loaded(done: subprocess.CompletedProcess) -> set[str]:
+    reports = [ln for ln in done.stdout.splitlines() if ln.startswith("loaded modules:")]
+    assert reports, f"no module report from the CLI: {done.stdout[-1000:]}{done.stderr[-2000:]}"
+    return set(reports[-1].split()[2:])
+
+
+@pytest.mark.parametrize("module", ["clef_jax.export", "clef_jax.import_torch"])
+def test_torch_clis_do_not_load_tensorflow(module):
+    done = _cli(module, "--help")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"usage: python -m {module}" in done.stdout
+    assert not {"tensorflow", "tensorflow_datasets"} & _loaded(done)
 
 
 def test_cli_import_export_and_failure(tmp_path):
@@ -484,10 +520,12 @@ def test_cli_import_export_and_failure(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Net1D small, in_channels 1" in done.stdout and "prefix stripped: 'backbone.'" in (
         done.stdout)
+    assert _loaded(done) == {"torch"}  # read the .ckpt with torch; never loaded TensorFlow
     done = _cli("clef_jax.export", "--workdir", str(tmp_path / "w"), "--out",
                 str(tmp_path / "out.safetensors"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "(safetensors," in done.stdout and "sha256" in done.stdout
+    assert not {"tensorflow", "tensorflow_datasets"} & _loaded(done)
     got = load_exported(tmp_path / "out.safetensors")
     assert_same_tensors({k: got[k] for k in state}, state)
 

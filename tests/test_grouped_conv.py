@@ -223,11 +223,9 @@ def _batch_all_gathers(hlo: str, batch: int) -> list[str]:
 @pytest.mark.parametrize("impl, groups, stride",
                          [("xla", 2, 2), ("cpu", 2, 2), ("auto", 2, 2), ("cpu", 8, 2),
                           ("cpu", 2, 1)])
-def test_batch_sharded_over_a_mesh(impl, groups, stride):
+def test_batch_sharded_over_a_mesh(impl, groups, stride, eight_devices):
     """Batch over (data, fsdp) on 8 devices, kernel fsdp-sharded: same values and gradients,
     and under `jax.set_mesh` no device gathers the global batch (openxla/xla#47945)."""
-    if jax.device_count() < 8:
-        pytest.skip("needs the 8 fake CPU devices that conftest.py sets up")
     # groups 2: 16-channel groups (custom VJP); 8: 4-channel groups (Toeplitz). Batch 24: no
     # kernel dimension has that size, so an all-gather of the batch is easy to spot.
     case = (24, 37, 32, 32, 16, stride, groups)
@@ -243,7 +241,8 @@ def test_batch_sharded_over_a_mesh(impl, groups, stride):
         return jnp.sum(reference(x, w, stride, pad, groups) * dy)
 
     expected = jax.jit(jax.value_and_grad(ref_loss, argnums=(0, 1)))(x, w, dy)
-    mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
+    mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2,
+                         devices=eight_devices)
     batch = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     xs, dys = jax.device_put(x, batch), jax.device_put(dy, batch)
     ws = jax.device_put(w, NamedSharding(mesh, PartitionSpec(None, None, "fsdp")))
@@ -263,15 +262,14 @@ def test_batch_sharded_over_a_mesh(impl, groups, stride):
 
 @pytest.mark.parametrize("impl, groups, stride", [("xla", 2, 2), ("cpu", 2, 2), ("cpu", 8, 2),
                                                   ("cpu", 2, 1)])
-def test_inside_a_users_shard_map(impl, groups, stride):
+def test_inside_a_users_shard_map(impl, groups, stride, eight_devices):
     """Called per shard inside shard_map (kernel invariant, batch varying): the kernel
     gradient is the sum over shards, as with the unsharded reference."""
-    if jax.device_count() < 8:
-        pytest.skip("needs the 8 fake CPU devices that conftest.py sets up")
     case = (16, 40, 32, 32, 16, stride, groups)
     x, w, dy = inputs(case)
     pad = same_padding(40, 16, stride)
-    mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
+    mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2,
+                         devices=eight_devices)
     batch = PartitionSpec(("data", "fsdp"))
 
     def per_shard(x, w):

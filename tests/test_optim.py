@@ -2,28 +2,49 @@
 
 import numpy as np
 import pytest
+from fresh_process import run_in_fresh_process
 
 from clef_jax.optim import cosine_warm_restarts
 
-torch = pytest.importorskip("torch")
+CASES = [(10, 2), (3, 1), (2, 3)]  # (T_0 epochs, T_mult)
+EPOCHS = 160
 
 
-@pytest.mark.parametrize("t0,t_mult", [(10, 2), (3, 1), (2, 3)])
-def test_matches_torch_scheduler_stepped_per_epoch(t0, t_mult):
+def torch_epoch_lrs(cases: list[tuple[int, int]], epochs: int
+                    ) -> dict[tuple[int, int], list[float]]:
+    """PyTorch's learning rate at the start of each epoch, per case. A torch optimiser
+    imports torch._dynamo (and so triton), hence a fresh process (see fresh_process.py)."""
+    import torch
+
+    out = {}
+    for t0, t_mult in cases:
+        opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
+        ref = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+            opt, T_0=t0, T_mult=t_mult, eta_min=1e-6
+        )
+        lrs = []
+        for _ in range(epochs):
+            lrs.append(opt.param_groups[0]["lr"])
+            ref.step()
+        out[(t0, t_mult)] = lrs
+    return out
+
+
+@pytest.fixture(scope="module")
+def torch_lrs() -> dict[tuple[int, int], list[float]]:
+    return run_in_fresh_process(torch_epoch_lrs, CASES, EPOCHS)
+
+
+@pytest.mark.parametrize("t0,t_mult", CASES)
+def test_matches_torch_scheduler_stepped_per_epoch(torch_lrs, t0, t_mult):
     steps_per_epoch = 7
     ours = cosine_warm_restarts(
         1e-4, steps_per_epoch=steps_per_epoch, t0_epochs=t0, t_mult=t_mult, eta_min=1e-6
     )
-    param = torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.AdamW([param], lr=1e-4)
-    ref = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
-        opt, T_0=t0, T_mult=t_mult, eta_min=1e-6
-    )
-    for epoch in range(160):
-        expected = opt.param_groups[0]["lr"]
+    assert len(torch_lrs[(t0, t_mult)]) == EPOCHS
+    for epoch, expected in enumerate(torch_lrs[(t0, t_mult)]):
         got = [float(ours(epoch * steps_per_epoch + k)) for k in (0, steps_per_epoch - 1)]
         np.testing.assert_allclose(got, expected, rtol=2e-5, err_msg=f"epoch {epoch}")
-        ref.step()
 
 
 def test_step_interval_moves_within_an_epoch_and_warmup_scales():

@@ -15,7 +15,8 @@ from flax import nnx
 
 from clef_jax.import_torch import infer_net1d_arch
 from clef_jax.models.net1d import NET1D_SIZES as JAX_SIZES
-from clef_jax.models.net1d import create_net1d, from_torch_state_dict, to_torch_state_dict
+from clef_jax.models.net1d import create_net1d
+from clef_jax.models.net1d_state_dict import from_torch_state_dict, to_torch_state_dict
 from clef_jax.torch_compat import NET1D_SIZES, create_net1d_by_size
 from data_prep.signals import load_and_preprocess
 
@@ -164,7 +165,8 @@ from clef_jax import checkpoint
 from clef_jax.export import export_checkpoint
 from clef_jax.import_torch import import_weights
 from clef_jax.import_torch import infer_net1d_arch
-from clef_jax.models.net1d import create_net1d, from_torch_state_dict, to_torch_state_dict
+from clef_jax.models.net1d import create_net1d
+from clef_jax.models.net1d_state_dict import from_torch_state_dict, to_torch_state_dict
 z = np.load({str(fixtures_dir / "net1d_small_golden.npz")!r})
 state = {{k[11:]: z[k] for k in z.files if k.startswith("state_dict/")}}
 checkpoint.save_pretrained({str(tmp_path / "a")!r}, from_torch_state_dict(state, "small"),

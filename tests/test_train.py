@@ -11,10 +11,11 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+import tensorflow as tf
 
-from clef_jax import checkpoint
+from clef_jax import checkpoint, run_report
 from clef_jax.config_defaults import default_config, validate
-from clef_jax.train import TrainingDiverged, train_and_evaluate
+from clef_jax.train import TrainingDiverged, pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,7 +63,7 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 600) -> None:
 
 
 def test_run_writes_checkpoints_metrics_and_config(ptbxl_dataset, tmp_path):
-    summary = train_and_evaluate(_config(ptbxl_dataset), tmp_path / "run")
+    summary = pretrain(_config(ptbxl_dataset), tmp_path / "run")
     assert summary.last_step == 6 and np.isfinite(summary.final_loss)
     run = tmp_path / "run"
     assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [
@@ -70,17 +71,35 @@ def test_run_writes_checkpoints_metrics_and_config(ptbxl_dataset, tmp_path):
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [2, 4, 6]
     for m in lines:
-        assert {"loss", "lr", "views_per_s", "nce", "alignment", "grad_norm"} <= m.keys()
+        assert {"loss", "lr", "views_per_s", "clinically_guided_nce", "alignment",
+                "grad_norm"} <= m.keys()
     assert json.loads((run / "config.json").read_text())["method"] == "clef"
-    assert any((run / "tensorboard").iterdir())
+    events = list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert events
+    tags = {(v.tag, e.step) for f in events for r in tf.data.TFRecordDataset(str(f))
+            for e in [tf.compat.v1.Event.FromString(r.numpy())] for v in e.summary.value}
+    assert {("train/loss", 2), ("train/loss", 6), ("train/lr", 4)} <= tags
     _, meta = _final_params(run)
     assert meta["data_position"]["step"] == 6 and meta["model"]["size"] == "small"
+    # What the CLI tells the user at the end: a loss plot and a summary naming every output.
+    assert summary.checkpoint_steps == [2, 4, 6]
+    assert summary.plot == str(run / "plots" / "loss.png")
+    assert (run / "plots" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = run_report.format_summary(
+        workdir=run, records=run_report.read_metrics(run), checkpoint_steps=[2, 4, 6],
+        plot=run / "plots" / "loss.png", first_step=0, last_step=6, preempted=False,
+        model=summary.model, wall_s=summary.wall_s)
+    assert f"{lines[0]['loss']:.4f} (interval ending at step 2)" in text
+    assert f"{lines[-1]['loss']:.4f} (ending at step 6)" in text
+    for shown in ("checkpoints (steps 2, 4, 6)", "metrics.jsonl", "loss.png", "config.json",
+                  "python -m clef_jax.export --workdir"):
+        assert shown in text, (shown, text)
 
 
 @pytest.mark.slow
 def test_kill_9_then_rerun_ends_with_the_same_parameters(ptbxl_dataset, tmp_path):
     config = _config(ptbxl_dataset, num_steps=12)
-    train_and_evaluate(config, tmp_path / "straight")
+    pretrain(config, tmp_path / "straight")
     proc = subprocess.Popen(_cli_args(config, tmp_path / "killed"), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=os.environ.copy())
     _wait_for(tmp_path / "killed" / "checkpoints" / "4", proc)
@@ -88,7 +107,7 @@ def test_kill_9_then_rerun_ends_with_the_same_parameters(ptbxl_dataset, tmp_path
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not (tmp_path / "killed" / "checkpoints" / "12").exists()
-    summary = train_and_evaluate(config, tmp_path / "killed")
+    summary = pretrain(config, tmp_path / "killed")
     assert 4 <= summary.first_step < 12 and summary.last_step == 12
     straight, _ = _final_params(tmp_path / "straight")
     resumed, _ = _final_params(tmp_path / "killed")
@@ -116,7 +135,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(ptbxl_d
     config = _config(ptbxl_dataset, num_steps=4, every_steps=1)
     config.optim.learning_rate = float("nan")  # parameters turn NaN after the first update
     with pytest.raises(TrainingDiverged, match=r"at step 2.*Last good checkpoint: step 1"):
-        train_and_evaluate(config, tmp_path / "run")
+        pretrain(config, tmp_path / "run")
     steps = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert steps == ["1"]
 
@@ -125,10 +144,10 @@ def test_bad_inputs_get_errors_naming_the_key(ptbxl_dataset, tmp_path):
     config = _config(ptbxl_dataset)
     config.train.global_batch_size = 12
     with pytest.raises(ValueError, match=r"global_batch_size=12 is not divisible by the 8"):
-        train_and_evaluate(config, tmp_path / "a")
+        pretrain(config, tmp_path / "a")
     config = _config(tmp_path / "no-such-dataset")
     with pytest.raises(FileNotFoundError, match="config.data.dataset_dir"):
-        train_and_evaluate(config, tmp_path / "b")
+        pretrain(config, tmp_path / "b")
     for key, value, match in [("method", "mae", "config.method: unknown method 'mae'"),
                               ("model.name", "resnet", "config.model.name: unknown model"),
                               ("model.size", "huge", "config.model.size")]:
@@ -150,7 +169,7 @@ def test_empty_split_is_named(tmp_path):
     config = _config(out)
     config.data.train_split = "validation"
     with pytest.raises(ValueError, match="validation"):
-        train_and_evaluate(config, tmp_path / "run")
+        pretrain(config, tmp_path / "run")
 
 
 def test_cli_prints_one_line_for_a_bad_config(tmp_path):

@@ -1,5 +1,7 @@
 """Contrastive pretraining: `python -m clef_jax.train --config configs/demo.py --workdir W`.
 
+The library entry point is `pretrain(config, workdir)`; `main` is a thin CLI over it.
+
 Overrides: `--config=configs/clef.py:medium --config.train.global_batch_size=512`.
 The run resumes from the newest complete checkpoint in `W/checkpoints` if there is one,
 saves every `checkpoint.every_steps`, at the end, and on SIGTERM (then exits cleanly).
@@ -25,7 +27,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from clef_jax import checkpoint, distributed, sharding
+from clef_jax import checkpoint, distributed, run_report, sharding
 from clef_jax.config_defaults import validate
 from clef_jax.trainer import Trainer
 
@@ -38,12 +40,18 @@ class TrainingDiverged(RuntimeError):
 
 @dataclasses.dataclass
 class RunSummary:
+    """What `pretrain` returns (and the CLI prints as its last stdout line, as JSON)."""
+
     first_step: int
     last_step: int
     final_loss: float
     first_loss: float
     preempted: bool
     workdir: str
+    model: str = ""
+    checkpoint_steps: list[int] = dataclasses.field(default_factory=list)
+    plot: str | None = None
+    wall_s: float = 0.0
 
 
 class _Preemption:
@@ -95,22 +103,35 @@ def prepare_dataset(config: ml_collections.ConfigDict) -> None:
 
 
 class MetricWriter:
-    """metrics.jsonl + TensorBoard, written by process 0 only."""
+    """metrics.jsonl + TensorBoard, written by process 0 only.
+
+    TensorBoard events come from `tf.summary`: TensorFlow is already loaded by the input
+    pipeline, while tensorboardX would import torch into every training process.
+    """
 
     def __init__(self, workdir: Path):
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
-        from tensorboardX import SummaryWriter
+        import tensorflow as tf
+
+        self._tf = tf
         self._jsonl = open(workdir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
-        self._tb = SummaryWriter(str(workdir / "tensorboard"))
+        self._tb = tf.summary.create_file_writer(str(workdir / "tensorboard"))
+        # tf.summary.scalar needs the tensorboard package; the core op with the scalars
+        # plugin's metadata writes the same event without it.
+        self._scalar = tf.compat.v1.SummaryMetadata(
+            plugin_data=tf.compat.v1.SummaryMetadata.PluginData(plugin_name="scalars"))
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
         self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
-        for key, value in metrics.items():
-            self._tb.add_scalar(f"train/{key}", value, step)
+        with self._tb.as_default(step=step):
+            for key, value in metrics.items():
+                self._tf.summary.write(f"train/{key}", self._tf.constant(value, self._tf.float32),
+                                       metadata=self._scalar)
+        self._tb.flush()
 
     def close(self) -> None:
         if self.enabled:
@@ -129,10 +150,11 @@ def _check_batch(config: ml_collections.ConfigDict, mesh) -> None:
                          f"{jax.process_count()} processes")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> RunSummary:
-    """Train per `config` in `workdir`, resuming if it holds checkpoints."""
+def pretrain(config: ml_collections.ConfigDict, workdir: str | Path) -> RunSummary:
+    """Pretrain per `config` in `workdir`, resuming if it holds checkpoints."""
     from clef_jax import data as input_pipeline
 
+    started = time.perf_counter()
     validate(config)
     distributed.initialize(config.distributed)
     workdir = Path(workdir).expanduser().resolve()
@@ -226,13 +248,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                     preempted = True
                     break
         checkpoint.wait(manager)
+        checkpoint_steps = sorted(manager.all_steps())
     finally:
         writer.close()
         if progress is not None:
             progress.close()
         manager.close()
+    plot = None
+    if jax.process_index() == 0:
+        plot = run_report.write_loss_plot(workdir, run_report.read_metrics(workdir))
     return RunSummary(first_step=start_step, last_step=step, final_loss=last_loss,
-                      first_loss=first_loss, preempted=preempted, workdir=str(workdir))
+                      first_loss=first_loss, preempted=preempted, workdir=str(workdir),
+                      model=f"{config.method} / {config.model.name} {config.model.size}",
+                      checkpoint_steps=checkpoint_steps, plot=str(plot) if plot else None,
+                      wall_s=time.perf_counter() - started)
 
 
 def _save(manager, step: int, state: nnx.State, meta: dict[str, Any]) -> None:
@@ -277,11 +306,19 @@ def main(argv: list[str]) -> None:
     logging.getLogger("jax").setLevel(logging.WARNING)
     config = flags.FLAGS.config
     try:
-        summary = train_and_evaluate(config, flags.FLAGS.workdir)
+        summary = pretrain(config, flags.FLAGS.workdir)
     except (ValueError, FileNotFoundError, checkpoint.CheckpointError, TrainingDiverged) as e:
         # Bad input and known faults: one clear message, no library traceback.
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    if jax.process_index() == 0:
+        print(run_report.format_summary(
+            workdir=summary.workdir, records=run_report.read_metrics(summary.workdir),
+            checkpoint_steps=summary.checkpoint_steps,
+            plot=Path(summary.plot) if summary.plot else None, first_step=summary.first_step,
+            last_step=summary.last_step, preempted=summary.preempted, model=summary.model,
+            wall_s=summary.wall_s), file=sys.stderr)
+    # Last stdout line: machine-readable, for scripts and tests.
     print(json.dumps(dataclasses.asdict(summary)))
 
 

@@ -1,7 +1,7 @@
 """The one preprocessing path: raw signal + fs + lead names -> model input windows.
 
 Used offline by the dataset builder and at inference (``load_and_preprocess``), so a model
-always sees exactly what it was trained on. Steps, after the reference recipe (DESIGN.md,
+always sees exactly what it was trained on. Steps, after the reference recipe (docs/design.md,
 "Data recipe"):
 
 1. place leads **by name** into ``config.leads`` order (missing -> zeros, ``lead_present``

@@ -10,7 +10,7 @@ Two stages, both inside ``tf.data``:
    its rows, and the rows stitched back (far cheaper on a CPU than per-example branches, and a
    small graph that traces fast).
 
-So a view is a pure function of its example and its stream position. The recipe (DESIGN.md
+So a view is a pure function of its example and its stream position. The recipe (docs/design.md,
 "Data recipe", checked against the authors' released CLEF code):
 
 Lead choice

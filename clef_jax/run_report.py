@@ -1,0 +1,105 @@
+"""What a finished training run tells its user: a loss plot and a short summary.
+
+Both are made from the run's own `metrics.jsonl`, so they describe the whole run in the
+workdir, resumed segments included, not only the last process's life.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+# Metric keys that are not loss curves; every other logged scalar is plotted with the loss.
+_NOT_LOSS = frozenset({"step", "lr", "views_per_s", "grad_norm"})
+
+
+def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
+    """The logged intervals of `workdir/metrics.jsonl`, one dict per logged step.
+
+    A resumed run may log a step twice (once before a crash, once after); the later entry
+    wins, so the curve shows what the final parameters went through.
+    """
+    path = Path(workdir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    by_step: dict[int, dict[str, Any]] = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line:
+            record = json.loads(line)
+            by_step[int(record["step"])] = record
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def write_loss_plot(workdir: str | Path, records: Sequence[dict[str, Any]]) -> Path | None:
+    """Plot the loss, its parts and the learning rate against the step; None if nothing logged."""
+    if not records:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on training hosts
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in records]
+    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(7, 6), sharex=True,
+                                         gridspec_kw={"height_ratios": [3, 1]})
+    keys = ["loss"] + sorted({k for r in records for k in r} - _NOT_LOSS - {"loss"})
+    for key in keys:
+        ax_loss.plot(steps, [r.get(key, float("nan")) for r in records], label=key,
+                     linewidth=2 if key == "loss" else 1)
+    ax_loss.set_ylabel("mean over the logging interval")
+    ax_loss.legend()
+    ax_loss.grid(alpha=0.3)
+    ax_lr.plot(steps, [r.get("lr", float("nan")) for r in records], color="gray")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("step")
+    ax_lr.grid(alpha=0.3)
+    fig.suptitle(f"training: {Path(workdir).name}")
+    fig.tight_layout()
+    out = Path(workdir) / "plots" / "loss.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def _shown(path: str | Path) -> str:
+    """A path as the user typed it: relative to the current directory when it is inside it."""
+    path = Path(path)
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:  # another drive (Windows)
+        return str(path)
+    return rel if not rel.startswith("..") else str(path)
+
+
+def format_summary(*, workdir: str | Path, records: Sequence[dict[str, Any]],
+                   checkpoint_steps: Sequence[int], plot: Path | None, first_step: int,
+                   last_step: int, preempted: bool, model: str, wall_s: float) -> str:
+    """A few lines for the console: what ran, where the results are, what to try next."""
+    w = _shown(workdir)
+    lines = []
+    verb = "stopped by SIGTERM at" if preempted else "finished at"
+    lines.append(f"training {verb} step {last_step} (this run: steps {first_step}→{last_step}, "
+                 f"{wall_s / 60:.1f} min), {model}")
+    if records:
+        first, last = records[0], records[-1]
+        lines.append(f"  loss          {first['loss']:.4f} (interval ending at step "
+                     f"{first['step']}) → {last['loss']:.4f} (ending at step {last['step']})")
+    steps = ", ".join(str(s) for s in checkpoint_steps) or "none"
+    lines += [
+        f"  checkpoints   {w}/checkpoints (steps {steps}); rerun the same command to resume",
+        f"  metrics       {w}/metrics.jsonl; TensorBoard: tensorboard --logdir {w}/tensorboard",
+        f"  plot          {_shown(plot) if plot else '(nothing logged yet)'}",
+        f"  config        {w}/config.json",
+        "next (inside the environment: `. .venv/bin/activate` after ./run):",
+        f"  export for PyTorch   python -m clef_jax.export --workdir {w} --out {w}/export.ckpt",
+        "  your own data        python -m data_prep build --help   (MIMIC-IV-ECG, PTB-XL, any "
+        "WFDB tree)",
+        "  train on it          python -m clef_jax.train --config configs/clef.py:small "
+        "--config.data.dataset_dir=DATASET --workdir runs/mine",
+    ]
+    return "\n".join(lines)

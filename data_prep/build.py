@@ -60,6 +60,7 @@ class BuildSettings:
     impute_risk: str = "none"
     bad_metadata: str = "nan"
     shard_size: int = 1000
+    ptbxl_records: int = 500  # PTB-XL only: 500 Hz (filename_hr) or 100 Hz (filename_lr) files
     workers: int = 1
     overwrite: bool = False
     progress: bool = True
@@ -91,6 +92,9 @@ def output_settings(settings: BuildSettings) -> dict:
         "risk": {"region": settings.region, "impute": settings.impute_risk},
         "bad_metadata": settings.bad_metadata,
         "shard_size": settings.shard_size,
+        # Recorded only when not the default, so that folders built before the option existed
+        # keep their fingerprint (and are not rebuilt or refused).
+        **({"ptbxl_records": settings.ptbxl_records} if settings.ptbxl_records != 500 else {}),
     }
 
 
@@ -135,7 +139,8 @@ def plan_units(settings: BuildSettings, listing: SourceListing | None = None) ->
                                        else settings.impute_risk)
     if listing is None:
         listing = list_source(settings.source, settings.input_dir, limit=settings.limit,
-                              metadata_csv=settings.metadata_csv)
+                              metadata_csv=settings.metadata_csv,
+                              ptbxl_records=settings.ptbxl_records)
     records = listing.records
     not_selected = 0
     if settings.one_per_patient:

@@ -100,6 +100,10 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--shard-size", type=_positive_int, default=1000, metavar="N",
                    help="records per shard (default 1000, ~120 MB); also the unit of "
                         "parallel work")
+    b.add_argument("--ptbxl-records", type=int, choices=(500, 100), default=500,
+                   help="PTB-XL only: read the 500 Hz records (filename_hr, default) or the "
+                        "100 Hz ones (filename_lr), resampled to 500 Hz by the one "
+                        "preprocessing path; the record ID is the ecg_id either way")
     b.add_argument("--overwrite", action="store_true",
                    help="rebuild an output folder that was built with other settings")
     b.add_argument("--no-progress", dest="progress", action="store_false",
@@ -125,6 +129,8 @@ def _build(args: argparse.Namespace, beam_args: list[str]) -> int:
         return _fail(f"--input {args.input}: no such directory")
     if args.metadata is not None and not os.path.isfile(args.metadata):
         return _fail(f"--metadata {args.metadata}: no such file")
+    if args.ptbxl_records != 500 and args.source != "ptb-xl":
+        return _fail(f"--ptbxl-records {args.ptbxl_records}: only for --source ptb-xl")
     if os.path.realpath(args.output) == os.path.realpath(args.input):
         return _fail(f"--output {args.output}: must not be the input folder")
     settings = BuildSettings(
@@ -133,7 +139,7 @@ def _build(args: argparse.Namespace, beam_args: list[str]) -> int:
         short_policy=args.short_policy, one_per_patient=args.one_per_patient,
         split_fractions=args.split_fractions, split_method=args.split_method, seed=args.seed,
         region=args.region, impute_risk=args.impute_risk, bad_metadata=args.bad_metadata,
-        shard_size=args.shard_size, workers=args.workers, overwrite=args.overwrite,
+        shard_size=args.shard_size, ptbxl_records=args.ptbxl_records, workers=args.workers, overwrite=args.overwrite,
         progress=args.progress)
     if args.runner:
         from data_prep.beam_pipeline import run_beam

@@ -34,7 +34,9 @@ SOURCES = ("mimic-iv-ecg", "ptb-xl", "wfdb")
 #: Fixed order of the PTB-XL diagnostic superclasses in the ``diagnostic_superclass`` label.
 SUPERCLASSES = ("NORM", "MI", "STTC", "CD", "HYP")
 _MIMIC_COLUMNS = ("subject_id", "study_id", "path")
-_PTBXL_COLUMNS = ("ecg_id", "patient_id", "filename_hr", "scp_codes")
+_PTBXL_COLUMNS = ("ecg_id", "patient_id", "scp_codes")
+#: ``--ptbxl-records`` choice -> the ptbxl_database.csv column naming the record files.
+PTBXL_RECORD_COLUMNS = {500: "filename_hr", 100: "filename_lr"}
 
 
 class SourceError(ValueError):
@@ -90,12 +92,13 @@ class SourceListing:
 
 
 def list_source(source: str, input_dir: str | os.PathLike, *, limit: int | None = None,
-                metadata_csv: str | None = None) -> SourceListing:
+                metadata_csv: str | None = None, ptbxl_records: int = 500) -> SourceListing:
     """List the records of ``input_dir`` laid out as ``source`` (one of :data:`SOURCES`).
 
     ``limit`` keeps only the first N listed rows (CSV order, or sorted path order for a WFDB
     tree), counting rejected ones. ``metadata_csv`` is used by the ``wfdb`` source to map
-    records to subjects.
+    records to subjects. ``ptbxl_records`` (500 or 100) picks PTB-XL's ``filename_hr`` or
+    ``filename_lr`` records; either way the record ID is the ``ecg_id``.
     """
     root = os.path.realpath(os.fspath(input_dir))
     if not os.path.isdir(root):
@@ -103,7 +106,7 @@ def list_source(source: str, input_dir: str | os.PathLike, *, limit: int | None 
     if source == "mimic-iv-ecg":
         listing = _list_mimic(root, limit)
     elif source == "ptb-xl":
-        listing = _list_ptbxl(root, limit)
+        listing = _list_ptbxl(root, limit, ptbxl_records)
     elif source == "wfdb":
         listing = _list_wfdb_tree(root, limit, metadata_csv)
     else:
@@ -233,9 +236,13 @@ def _machine_measurements(path: str) -> dict[str, dict[str, float]]:
 
 # ------------------------------------------------------------------------------------ PTB-XL
 
-def _list_ptbxl(root: str, limit: int | None) -> SourceListing:
+def _list_ptbxl(root: str, limit: int | None, records: int = 500) -> SourceListing:
+    if records not in PTBXL_RECORD_COLUMNS:
+        raise SourceError(f"--ptbxl-records {records}: choose one of "
+                          f"{', '.join(map(str, PTBXL_RECORD_COLUMNS))}")
+    file_column = PTBXL_RECORD_COLUMNS[records]
     db_path = os.path.join(root, "ptbxl_database.csv")
-    df = _read_csv(db_path, _PTBXL_COLUMNS, "PTB-XL ptbxl_database.csv")
+    df = _read_csv(db_path, (*_PTBXL_COLUMNS, file_column), "PTB-XL ptbxl_database.csv")
     if limit is not None:
         df = df.iloc[:limit]
     statements = _scp_statements(os.path.join(root, "scp_statements.csv"))
@@ -246,7 +253,7 @@ def _list_ptbxl(root: str, limit: int | None) -> SourceListing:
     for line, row in enumerate(df.itertuples(index=False), start=2):
         row = row._asdict()
         ecg_id, patient, rel = (_id_text(row["ecg_id"]), _id_text(row["patient_id"]),
-                                str(row["filename_hr"]).strip())
+                                str(row[file_column]).strip())
         if not ecg_id or not patient:
             out.reject(rel, ecg_id, "bad_row", f"{db_path} line {line}: empty ecg_id or patient_id")
             continue
@@ -291,7 +298,8 @@ def ptbxl_labels(scp_cell: str, statements: pd.DataFrame | None) -> dict:
     The cell is parsed with ``ast.literal_eval`` (never ``eval``). As in the PTB-XL benchmark
     recipe, every diagnostic code counts toward its superclass whatever its likelihood.
     Returns ``codes`` (code -> likelihood), ``superclass`` (names, :data:`SUPERCLASSES`
-    order), ``subclass``, ``form`` and ``rhythm`` (sorted code lists).
+    order), ``subclass``, ``diagnostic`` (the codes whose statement is diagnostic), ``form``
+    and ``rhythm`` (sorted code lists).
     """
     try:
         codes = ast.literal_eval(str(scp_cell).strip() or "{}")
@@ -303,6 +311,7 @@ def ptbxl_labels(scp_cell: str, statements: pd.DataFrame | None) -> dict:
              for k, v in codes.items()}
     superclass: set[str] = set()
     subclass: set[str] = set()
+    diagnostic: set[str] = set()
     form: set[str] = set()
     rhythm: set[str] = set()
     if statements is not None:
@@ -311,6 +320,7 @@ def ptbxl_labels(scp_cell: str, statements: pd.DataFrame | None) -> dict:
                 continue
             st = statements.loc[code]
             if _is_one(st["diagnostic"]):
+                diagnostic.add(code)
                 if st["diagnostic_class"] in SUPERCLASSES:
                     superclass.add(st["diagnostic_class"])
                 if st["diagnostic_subclass"]:
@@ -320,7 +330,8 @@ def ptbxl_labels(scp_cell: str, statements: pd.DataFrame | None) -> dict:
             if _is_one(st["rhythm"]):
                 rhythm.add(code)
     return {"codes": codes, "superclass": [c for c in SUPERCLASSES if c in superclass],
-            "subclass": sorted(subclass), "form": sorted(form), "rhythm": sorted(rhythm)}
+            "subclass": sorted(subclass), "diagnostic": sorted(diagnostic), "form": sorted(form),
+            "rhythm": sorted(rhythm)}
 
 
 # -------------------------------------------------------------------------- WFDB folder tree
@@ -370,5 +381,7 @@ def _subject_map(path: str) -> dict[str, str]:
 
 def labels_json(labels: dict) -> str:
     """The ``scp_codes`` text feature: JSON of the PTB-XL label dict (``{}`` when none)."""
-    keys = ("codes", "superclass", "subclass", "form", "rhythm")
+    # "diagnostic" was added with clef_jax.evaluate (dataset format note in data_prep/README.md);
+    # datasets written before it lack the key, and the evaluator says to rebuild them.
+    keys = ("codes", "superclass", "subclass", "diagnostic", "form", "rhythm")
     return json.dumps({k: labels[k] for k in keys if k in labels}, sort_keys=True)

@@ -21,13 +21,15 @@ import hashlib
 import logging
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
+
+from clef_jax import paths
 
 log = logging.getLogger(__name__)
 
@@ -50,18 +52,21 @@ class ModelSpec:
         return dataclasses.asdict(self)
 
 
-def checkpoint_dir(path: str | Path) -> Path:
+def checkpoint_dir(path: str | os.PathLike) -> epath.Path:
     """Accept a training workdir (uses its `checkpoints/`) or a checkpoint directory."""
-    path = Path(path).expanduser().resolve()
+    path = paths.resolve(path)
     return path / "checkpoints" if (path / "checkpoints").is_dir() else path
 
 
-def make_manager(directory: str | Path, *, max_to_keep: int | None = 3,
+def make_manager(directory: str | os.PathLike, *, max_to_keep: int | None = 3,
                  async_save: bool = True, create: bool = True) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=create, enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True)
-    return ocp.CheckpointManager(Path(directory).resolve(), options=options,
+    # epath, not pathlib.resolve(): the latter turns gs://bucket/ckpt into a local path.
+    directory = paths.resolve(directory)
+    paths.check_checkpoint_dir(directory)
+    return ocp.CheckpointManager(directory, options=options,
                                  item_names=("model", "optimizer", "meta"))
 
 
@@ -151,7 +156,7 @@ def restore_latest(manager: ocp.CheckpointManager, *, model_target: Any,
     return None
 
 
-def _newest_step(directory: Path, step: int | None) -> tuple[ocp.CheckpointManager, int]:
+def _newest_step(directory: epath.Path, step: int | None) -> tuple[ocp.CheckpointManager, int]:
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: no such checkpoint directory")
     manager = make_manager(directory, max_to_keep=None, async_save=False, create=False)
@@ -165,7 +170,7 @@ def _newest_step(directory: Path, step: int | None) -> tuple[ocp.CheckpointManag
     return manager, step
 
 
-def load_model_state(directory: str | Path, *, step: int | None = None
+def load_model_state(directory: str | os.PathLike, *, step: int | None = None
                      ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Model variables as a nested dict of host arrays, plus the meta JSON (any mesh)."""
     manager, step = _newest_step(checkpoint_dir(directory), step)
@@ -175,14 +180,14 @@ def load_model_state(directory: str | Path, *, step: int | None = None
     return model, dict(restored["meta"])
 
 
-def save_pretrained(directory: str | Path, backbone: nnx.Module, *, spec: ModelSpec,
-                    step: int = 0, metadata: Mapping[str, Any] | None = None) -> Path:
+def save_pretrained(directory: str | os.PathLike, backbone: nnx.Module, *, spec: ModelSpec,
+                    step: int = 0, metadata: Mapping[str, Any] | None = None) -> epath.Path:
     """Write a weights-only checkpoint (no optimiser) that `init_from` and evaluation load.
 
     The backbone sits at the same path as in a training run (`online/backbone`), so a
     pretrained directory and a training workdir are interchangeable for loading.
     """
-    directory = Path(directory).expanduser().resolve()
+    directory = paths.resolve(directory)
     state = {"online": {"backbone": nnx.state(backbone).to_pure_dict()}}
     meta = {"model": spec.to_dict(), "weights_sha256": weights_checksum(state), "step": step,
             **dict(metadata or {})}
@@ -193,7 +198,7 @@ def save_pretrained(directory: str | Path, backbone: nnx.Module, *, spec: ModelS
     return directory
 
 
-def load_backbone(directory: str | Path, *, step: int | None = None
+def load_backbone(directory: str | os.PathLike, *, step: int | None = None
                   ) -> tuple[nnx.Module, dict[str, Any]]:
     """Rebuild the backbone stored in a workdir or pretrained directory; returns (model, meta)."""
     from clef_jax.models import create_backbone

@@ -47,7 +47,11 @@ def default_config() -> ml_collections.ConfigDict:
         global_batch_size=64, num_epochs=100, num_steps=0,  # num_steps > 0 overrides epochs
         seed=0, log_every_steps=10,
     ))
-    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3, async_save=True))
+    c.checkpoint = ml_collections.ConfigDict(dict(
+        every_steps=500, keep=3, async_save=True,
+        # "" = <workdir>/checkpoints. A local path or gs:// (Orbax's TensorStore drivers); lets
+        # a workdir on another scheme keep its checkpoints somewhere Orbax can write.
+        directory=""))
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1), axes=("data", "fsdp")))
     # Parameter sharding as data (clef_jax/sharding.py). param_rules: (regex over the parameter
     # path, per-dimension mesh axes) pairs, aligned to trailing dims; the FIRST match wins.
@@ -111,6 +115,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
             f"unknown lead(s) {unknown}; valid: {', '.join(LEAD_NAMES)}")
     require(c.distributed.mode in ("auto", "on", "off"), "distributed.mode",
             f"{c.distributed.mode!r} is not one of auto, on, off")
+    require(c.distributed.initialization_timeout_s >= 1, "distributed.initialization_timeout_s",
+            "must be >= 1 (seconds to wait for every process to join)")
     if c.method == "byol":
         require(c.byol.predictor_hidden_dim >= 1, "byol.predictor_hidden_dim", "must be >= 1")
     if c.method == "moco":

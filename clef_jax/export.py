@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from clef_jax import __version__
+from clef_jax import __version__, paths
 from clef_jax.weights_io import (
     SUFFIX_FORMATS,
     WeightsFileError,
@@ -47,7 +47,7 @@ from clef_jax.weights_io import (
 
 @dataclasses.dataclass
 class ExportResult:
-    path: Path
+    path: Path | paths.epath.Path
     format: str
     backbone: str
     size: str
@@ -138,7 +138,8 @@ def export_checkpoint(workdir: str | Path, out: str | Path, *, step: int | None 
     from clef_jax import checkpoint
     from clef_jax.models import embedding_dim
 
-    out = Path(out).expanduser()
+    # epath keeps gs:// intact (pathlib would write to a local folder named "gs:").
+    out = paths.resolve(out)
     fmt = _resolve_format(out, fmt)
     if out.exists() and not overwrite:
         raise WeightsFileError(f"{out}: already exists; pass --overwrite to replace it")
@@ -151,7 +152,7 @@ def export_checkpoint(workdir: str | Path, out: str | Path, *, step: int | None 
     hyper = {"backbone": spec.name, "size": spec.size, "in_channels": spec.in_channels,
              "embedding_dim": embedding_dim(spec.name, spec.size), "method": method,
              "config": meta.get("config") or {}}
-    provenance = {"version": __version__, "workdir": str(Path(workdir).resolve()),
+    provenance = {"version": __version__, "workdir": paths.shown(paths.resolve(workdir)),
                   "step": ckpt_step, "weights_sha256": meta.get("weights_sha256", ""),
                   "state_dict_sha256": sd_sha}
     for key in ("imported_from", "source_file", "source_sha256"):
@@ -170,7 +171,7 @@ def export_checkpoint(workdir: str | Path, out: str | Path, *, step: int | None 
             "step": str(ckpt_step), "clef_jax_version": __version__,
             "state_dict_sha256": sd_sha})
     return ExportResult(out, fmt, spec.name, spec.size, spec.in_channels, ckpt_step,
-                        out.stat().st_size, file_sha256(out), sd_sha)
+                        out.stat().length, file_sha256(out), sd_sha)
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -12,17 +12,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from etils import epath
+
+from clef_jax import paths
+
 # Metric keys that are not loss curves; every other logged scalar is plotted with the loss.
 _NOT_LOSS = frozenset({"step", "lr", "views_per_s", "grad_norm"})
 
 
-def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
+def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
     """The logged intervals of `workdir/metrics.jsonl`, one dict per logged step.
 
     A resumed run may log a step twice (once before a crash, once after); the later entry
     wins, so the curve shows what the final parameters went through.
     """
-    path = Path(workdir) / "metrics.jsonl"
+    path = paths.resolve(workdir) / "metrics.jsonl"
     if not path.exists():
         return []
     by_step: dict[int, dict[str, Any]] = {}
@@ -34,7 +38,8 @@ def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def write_loss_plot(workdir: str | Path, records: Sequence[dict[str, Any]]) -> Path | None:
+def write_loss_plot(workdir: str | os.PathLike, records: Sequence[dict[str, Any]]
+                    ) -> epath.Path | None:
     """Plot the loss, its parts and the learning rate against the step; None if nothing logged."""
     if not records:
         return None
@@ -57,17 +62,22 @@ def write_loss_plot(workdir: str | Path, records: Sequence[dict[str, Any]]) -> P
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_xlabel("step")
     ax_lr.grid(alpha=0.3)
-    fig.suptitle(f"training: {Path(workdir).name}")
+    fig.suptitle(f"training: {paths.resolve(workdir).name}")
     fig.tight_layout()
-    out = Path(workdir) / "plots" / "loss.png"
+    out = paths.resolve(workdir) / "plots" / "loss.png"
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    # Through a file object so gs:// and other epath schemes work; the format is explicit
+    # because matplotlib cannot see the suffix of a file object.
+    with out.open("wb") as f:
+        fig.savefig(f, dpi=100, format="png")
     plt.close(fig)
     return out
 
 
-def _shown(path: str | Path) -> str:
+def _shown(path: str | os.PathLike) -> str:
     """A path as the user typed it: relative to the current directory when it is inside it."""
+    if paths.is_remote(path):
+        return paths.shown(path)
     path = Path(path)
     try:
         rel = os.path.relpath(path)
@@ -76,8 +86,8 @@ def _shown(path: str | Path) -> str:
     return rel if not rel.startswith("..") else str(path)
 
 
-def format_summary(*, workdir: str | Path, records: Sequence[dict[str, Any]],
-                   checkpoint_steps: Sequence[int], plot: Path | None, first_step: int,
+def format_summary(*, workdir: str | os.PathLike, records: Sequence[dict[str, Any]],
+                   checkpoint_steps: Sequence[int], plot: str | os.PathLike | None, first_step: int,
                    last_step: int, preempted: bool, model: str, wall_s: float) -> str:
     """A few lines for the console: what ran, where the results are, what to try next."""
     w = _shown(workdir)

@@ -11,15 +11,16 @@ config to `W/config.json`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
+import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -27,7 +28,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from clef_jax import checkpoint, distributed, run_report, sharding
+from clef_jax import checkpoint, distributed, paths, run_report, sharding
 from clef_jax.config_defaults import validate
 from clef_jax.trainer import Trainer
 
@@ -82,7 +83,7 @@ class _Preemption:
 
 def prepare_dataset(config: ml_collections.ConfigDict) -> None:
     """Run data_prep once when `data.dataset_dir` is missing and `data.prepare` says how."""
-    target = Path(config.data.dataset_dir).expanduser()
+    target = paths.resolve(config.data.dataset_dir)
     if target.exists():
         return
     prep = config.data.prepare
@@ -90,6 +91,11 @@ def prepare_dataset(config: ml_collections.ConfigDict) -> None:
         raise FileNotFoundError(
             f"config.data.dataset_dir: {target} does not exist; build it with "
             "`python -m data_prep build ... --output` or set config.data.prepare")
+    if paths.is_remote(target):
+        # data_prep writes with local file APIs; build locally and copy the folder up.
+        raise ValueError(f"config.data.dataset_dir: {target} does not exist, and "
+                         "config.data.prepare builds local folders only; build it locally "
+                         "and copy it there (e.g. gsutil -m cp -r)")
     if jax.process_index() == 0:
         cmd = [sys.executable, "-m", "data_prep", "build", "--source", prep.source,
                "--input", str(prep.input), "--output", str(target), *prep.extra_args]
@@ -109,14 +115,17 @@ class MetricWriter:
     pipeline, while tensorboardX would import torch into every training process.
     """
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: paths.epath.Path):
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
         import tensorflow as tf
 
         self._tf = tf
-        self._jsonl = open(workdir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
+        # epath opens gs:// (and other schemes) through tf.io.gfile, as a context manager
+        # for remote paths: the ExitStack closes either kind. Flushed per write below.
+        self._files = contextlib.ExitStack()
+        self._jsonl = self._files.enter_context((workdir / "metrics.jsonl").open("a"))
         self._tb = tf.summary.create_file_writer(str(workdir / "tensorboard"))
         # tf.summary.scalar needs the tensorboard package; the core op with the scalars
         # plugin's metadata writes the same event without it.
@@ -127,6 +136,7 @@ class MetricWriter:
         if not self.enabled:
             return
         self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._jsonl.flush()
         with self._tb.as_default(step=step):
             for key, value in metrics.items():
                 self._tf.summary.write(f"train/{key}", self._tf.constant(value, self._tf.float32),
@@ -135,7 +145,7 @@ class MetricWriter:
 
     def close(self) -> None:
         if self.enabled:
-            self._jsonl.close()
+            self._files.close()
             self._tb.close()
 
 
@@ -150,14 +160,19 @@ def _check_batch(config: ml_collections.ConfigDict, mesh) -> None:
                          f"{jax.process_count()} processes")
 
 
-def pretrain(config: ml_collections.ConfigDict, workdir: str | Path) -> RunSummary:
+def pretrain(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunSummary:
     """Pretrain per `config` in `workdir`, resuming if it holds checkpoints."""
     from clef_jax import data as input_pipeline
 
     started = time.perf_counter()
     validate(config)
     distributed.initialize(config.distributed)
-    workdir = Path(workdir).expanduser().resolve()
+    # Before anything else can diverge: versions, code and config must agree on every host.
+    distributed.check_consistency(config)
+    # Not pathlib: Path("gs://b/run").resolve() is a local folder named "gs:".
+    workdir = paths.resolve(workdir)
+    ckpt_dir = paths.resolve(config.checkpoint.directory or workdir / "checkpoints")
+    paths.check_checkpoint_dir(ckpt_dir, "config.checkpoint.directory")
     workdir.mkdir(parents=True, exist_ok=True)
     prepare_dataset(config)
 
@@ -168,7 +183,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | Path) -> RunSumma
     total_steps = config.train.num_steps or config.train.num_epochs * steps_per_epoch
     trainer = Trainer(config, mesh, steps_per_epoch=steps_per_epoch)
 
-    manager = checkpoint.make_manager(workdir / "checkpoints", max_to_keep=config.checkpoint.keep,
+    manager = checkpoint.make_manager(ckpt_dir, max_to_keep=config.checkpoint.keep,
                                       async_save=config.checkpoint.async_save)
     restored = checkpoint.restore_latest(manager, model_target=trainer.abstract_target("model"),
                                          optimizer_target=trainer.abstract_target("optimizer"))
@@ -258,9 +273,11 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | Path) -> RunSumma
     if jax.process_index() == 0:
         plot = run_report.write_loss_plot(workdir, run_report.read_metrics(workdir))
     return RunSummary(first_step=start_step, last_step=step, final_loss=last_loss,
-                      first_loss=first_loss, preempted=preempted, workdir=str(workdir),
+                      first_loss=first_loss, preempted=preempted,
+                      workdir=paths.shown(workdir),
                       model=f"{config.method} / {config.model.name} {config.model.size}",
-                      checkpoint_steps=checkpoint_steps, plot=str(plot) if plot else None,
+                      checkpoint_steps=checkpoint_steps,
+                      plot=paths.shown(plot) if plot else None,
                       wall_s=time.perf_counter() - started)
 
 
@@ -315,7 +332,7 @@ def main(argv: list[str]) -> None:
         print(run_report.format_summary(
             workdir=summary.workdir, records=run_report.read_metrics(summary.workdir),
             checkpoint_steps=summary.checkpoint_steps,
-            plot=Path(summary.plot) if summary.plot else None, first_step=summary.first_step,
+            plot=summary.plot, first_step=summary.first_step,
             last_step=summary.last_step, preempted=summary.preempted, model=summary.model,
             wall_s=summary.wall_s), file=sys.stderr)
     # Last stdout line: machine-readable, for scripts and tests.

@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from clef_jax import paths
+
 FORMATS = ("lightning", "state_dict", "safetensors")
 SUFFIX_FORMATS = {".ckpt": "lightning", ".pt": "state_dict", ".pth": "state_dict",
                   ".safetensors": "safetensors"}
@@ -61,7 +63,7 @@ class WeightsFile:
 
 def file_sha256(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with paths.resolve(path).open("rb") as f:  # local or gs:// alike
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
@@ -299,7 +301,12 @@ def state_dict_sha256(state_dict: Mapping[str, np.ndarray]) -> str:
 # ----------------------------------------------------------------------------- writing
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def _atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    if paths.is_remote(path):
+        # Object stores publish an object only when its upload completes: no temp-and-rename.
+        paths.write_via_local(path, write)
+        return
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -348,7 +355,7 @@ def write_lightning(path: str | os.PathLike, state_dict: Mapping[str, np.ndarray
         "hyper_parameters": _plain(dict(hyper_parameters), "hyper_parameters"),
         **_plain(dict(extra or {}), "extra"),
     }
-    _atomic_write(Path(path), lambda tmp: torch.save(checkpoint, tmp))
+    _atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
 def write_state_dict(path: str | os.PathLike, state_dict: Mapping[str, np.ndarray]) -> None:
@@ -356,7 +363,7 @@ def write_state_dict(path: str | os.PathLike, state_dict: Mapping[str, np.ndarra
     import torch
 
     tensors = _torch_tensors(state_dict)
-    _atomic_write(Path(path), lambda tmp: torch.save(tensors, tmp))
+    _atomic_write(path, lambda tmp: torch.save(tensors, tmp))
 
 
 def write_safetensors(path: str | os.PathLike, state_dict: Mapping[str, np.ndarray], *,
@@ -372,4 +379,4 @@ def write_safetensors(path: str | os.PathLike, state_dict: Mapping[str, np.ndarr
         meta[str(k)] = v if isinstance(v, str) else json.dumps(v)
     # np.asarray, not ascontiguousarray: the latter turns 0-d counters into shape (1,).
     arrays = {k: np.asarray(v, order="C") for k, v in state_dict.items()}
-    _atomic_write(Path(path), lambda tmp: save_file(arrays, str(tmp), metadata=meta))
+    _atomic_write(path, lambda tmp: save_file(arrays, str(tmp), metadata=meta))

@@ -96,3 +96,36 @@ def ptbxl_dataset(tmp_path_factory) -> pathlib.Path:
                      "--no-progress"])
     assert code == 0, f"data_prep build failed with exit code {code}"
     return out
+
+
+@pytest.fixture(scope="session")
+def ptbxl100_dataset(tmp_path_factory) -> pathlib.Path:
+    """80 bundled PTB-XL records at 100 Hz, strat_fold splits (evaluation and embedding tests).
+
+    ecg_id 1-80: overlaps ptbxl_dataset (ids 1-40 at 500 Hz); the test split (fold 10, 10 ECGs)
+    has NORM, MI and CD positives.
+    """
+    import data_prep
+    from data_prep import cli
+
+    out = tmp_path_factory.mktemp("datasets") / "ptbxl100"
+    source = pathlib.Path(data_prep.__file__).parent / "sample_data" / "ptbxl"
+    code = cli.main(["build", "--source", "ptb-xl", "--input", str(source), "--output", str(out),
+                     "--ptbxl-records", "100", "--limit", "80", "--all-ecgs", "--split-method",
+                     "strat_fold", "--impute-risk", "reference", "--no-progress"])
+    assert code == 0, f"data_prep build failed with exit code {code}"
+    return out
+
+
+@pytest.fixture(scope="session")
+def random_net1d_dir(tmp_path_factory) -> pathlib.Path:
+    """A randomly initialised Net1D small saved as a pretrained directory (seed 1)."""
+    from flax import nnx
+
+    from clef_jax import checkpoint
+    from clef_jax.models import create_backbone
+
+    out = tmp_path_factory.mktemp("encoders") / "net1d"
+    checkpoint.save_pretrained(out, create_backbone("net1d", "small", rngs=nnx.Rngs(1)),
+                               spec=checkpoint.ModelSpec("net1d", "small", 1))
+    return out

@@ -23,14 +23,15 @@ import contextlib
 import dataclasses
 import json
 import logging
-import pathlib
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from etils import epath
 
+from clef_jax import paths
 from clef_jax.data import augment as aug_lib
 from clef_jax.data import noise as noise_lib
 from clef_jax.data.config import LEAD_NAMES, REQUIRED_FEATURES, InputConfig
@@ -50,9 +51,10 @@ _PLAN_KEYS = (
 _ORDER_SALT, _AUG_SALT = 0x0D3E5, 0xA06  # separate streams for file/example order and views
 
 
-def _builder_dir(dataset_dir: str) -> pathlib.Path:
+def _builder_dir(dataset_dir: str) -> epath.Path:
     """The folder holding ``dataset_info.json``: ``dataset_dir`` or a ``<name>/<version>`` below."""
-    root = pathlib.Path(dataset_dir)
+    # epath keeps gs:// (and other schemes TFDS reads through tf.io.gfile) as URIs.
+    root = paths.resolve(dataset_dir)
     if not root.is_dir():
         raise FileNotFoundError(
             f"config.data.dataset_dir: {root} does not exist or is not a directory"
@@ -76,14 +78,14 @@ def _builder_dir(dataset_dir: str) -> pathlib.Path:
 
 @dataclasses.dataclass(frozen=True)
 class _Dataset:
-    path: pathlib.Path
+    path: epath.Path
     builder: Any
     split: Any  # tfds SplitInfo of the training split
     prep: dict[str, Any] | None  # data_prep's build settings, when it wrote the folder
     units_per_mv: float  # stored ecg units per mV (int16 µV: 1000)
 
 
-def _prep_settings(path: pathlib.Path, info: Any) -> dict[str, Any] | None:
+def _prep_settings(path: epath.Path, info: Any) -> dict[str, Any] | None:
     """data_prep's settings: ``info.metadata["clef_prep"]``, else ``clef_prep.json``."""
     meta = info.metadata
     prep = meta.get("clef_prep") if meta is not None else None
@@ -138,7 +140,7 @@ def _open(cfg: InputConfig) -> _Dataset:
     split = splits[cfg.train_split]
     if split.num_examples == 0:
         raise ValueError(f"config.data.train_split: split {cfg.train_split!r} in {path} is empty")
-    absent = [str(f) for f in split.filepaths if not pathlib.Path(f).is_file()]
+    absent = [str(f) for f in split.filepaths if not paths.resolve(f).is_file()]
     if absent:
         raise FileNotFoundError(
             f"config.data.dataset_dir: shard file(s) missing: {', '.join(absent[:5])}"

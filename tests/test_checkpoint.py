@@ -53,8 +53,12 @@ def _restore(trainer, directory):
         manager.close()
 
 
-def _trained_state(trainer, steps=2, length=256):
-    """A state after real optimizer steps: Adam moments and the step counter are non-zero."""
+def _trained_state(trainer, steps=2, length=512):
+    """A state after real optimizer steps: Adam moments and the step counter are non-zero.
+
+    Same config, shapes and mesh as tests/test_trainer.py's (2, 4) case, so the compiled init
+    and step come from the shared compilation cache when that test ran first.
+    """
     rng = np.random.default_rng(0)
     state = trainer.init()
     b = trainer.config.train.global_batch_size

@@ -76,6 +76,7 @@ def _forward(model, x):
 # ----------------------------------------------------------------------------- golden
 
 
+@pytest.mark.slow  # op-by-op dispatch compiles every op; the jitted golden test runs by default
 def test_golden_output_eager(golden_model, golden):
     _, x, want = golden
     got = golden_model(jnp.asarray(x))

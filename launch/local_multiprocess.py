@@ -24,11 +24,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def cpu_process_env(devices_per_process: int) -> dict[str, str]:
+    """This environment for one CPU-only process of a local job, with its own fake devices."""
+    return dict(os.environ, JAX_PLATFORMS="cpu",
+                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+
+
 def launch(train_args: list[str], *, processes: int, devices_per_process: int,
            port: int | None = None, timeout_s: float | None = None) -> int:
     port = port or free_port()
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+    env = cpu_process_env(devices_per_process)
     procs = []
     for rank in range(processes):
         cmd = [sys.executable, "-m", "clef_jax.train", *train_args,

@@ -42,6 +42,9 @@ from collections.abc import Iterator  # noqa: E402
 import pytest  # noqa: E402
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+# Tests start local multi-process jobs with the launcher's own helpers (free_port, the
+# per-process CPU environment) rather than copies of them.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "launch"))
 
 # torch._dynamo (imported by torch.optim optimisers and torch.compile) loads triton where it is
 # installed, as with the default x86_64 torch wheel; loading triton into a process that has

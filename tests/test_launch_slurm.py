@@ -12,12 +12,12 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from local_multiprocess import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SBATCH = ROOT / "launch" / "slurm" / "train.sbatch"
@@ -56,12 +56,6 @@ def _executable(path: Path, text: str) -> Path:
     path.write_text(text.format(python=sys.executable))
     path.chmod(0o755)
     return path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -155,7 +149,7 @@ def test_sbatch_trains_two_processes_through_jax_slurm_detection(slurm_env, ptbx
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
                    os.environ.get("XLA_FLAGS", ""))
     slurm_env.update(CLEF_PYTHON=sys.executable, JAX_PLATFORMS="cpu",
-                     JAX_COORDINATOR_PORT=str(_free_port()),
+                     JAX_COORDINATOR_PORT=str(free_port()),
                      XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count=2")
     workdir = tmp_path / "run"
     out = subprocess.run(

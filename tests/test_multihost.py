@@ -1,15 +1,12 @@
 """Two real jax.distributed processes on 127.0.0.1 train, checkpoint and resume together."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from local_multiprocess import launch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "launch"))
-
-from local_multiprocess import launch  # noqa: E402
 
 
 @pytest.mark.slow

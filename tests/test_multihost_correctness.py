@@ -8,22 +8,20 @@ from __future__ import annotations
 
 import collections
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from local_multiprocess import cpu_process_env, free_port
 
 HERE = Path(__file__).resolve().parent
 
 
 def _run(args: list[str], devices: int) -> subprocess.Popen:
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    return subprocess.Popen([sys.executable, str(HERE / "multihost_check.py"), *args], env=env,
+    return subprocess.Popen([sys.executable, str(HERE / "multihost_check.py"), *args],
+                            env=cpu_process_env(devices),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -44,9 +42,7 @@ def _split_ids(dataset: Path) -> list[tuple[str, int]]:
 
 @pytest.mark.slow
 def test_two_processes_match_one_process_and_cover_the_epoch(ptbxl_dataset, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     common = ["--dataset", str(ptbxl_dataset), "--out", str(tmp_path)]
     multi = [_run([*common, "--mode", "multi", "--rank", str(r), "--port", str(port)], 2)
              for r in range(2)]

@@ -3,14 +3,13 @@ every process with one message, within the configured timeout."""
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from local_multiprocess import cpu_process_env, free_port
 
 from clef_jax import distributed
 from clef_jax.config_defaults import default_config
@@ -18,17 +17,10 @@ from clef_jax.config_defaults import default_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(rank: int, n: int, port: int, tmp_path: Path, *, timeout_s: int,
            extra_env: dict[str, str] | None = None) -> subprocess.Popen:
     # The checks run before the dataset is opened, so a placeholder dataset_dir is enough.
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = cpu_process_env(1)
     env.pop(distributed.FAKE_VERSION_ENV, None)
     env.update(extra_env or {})
     cmd = [sys.executable, "-m", "clef_jax.train", "--config",
@@ -60,7 +52,7 @@ def test_config_hash_ignores_the_per_process_distributed_settings():
 
 @pytest.mark.slow
 def test_version_mismatch_stops_both_processes_with_one_message(tmp_path):
-    port = _free_port()
+    port = free_port()
     procs = [_spawn(0, 2, port, tmp_path, timeout_s=60),
              _spawn(1, 2, port, tmp_path, timeout_s=60,
                     extra_env={distributed.FAKE_VERSION_ENV: "fake-1.0"})]
@@ -76,7 +68,7 @@ def test_version_mismatch_stops_both_processes_with_one_message(tmp_path):
 
 @pytest.mark.slow
 def test_missing_process_stops_with_coordinator_and_missing_id_within_the_timeout(tmp_path):
-    port = _free_port()
+    port = free_port()
     started = time.monotonic()
     proc = _spawn(0, 2, port, tmp_path, timeout_s=5)  # process 1 is never launched
     _, err = proc.communicate(timeout=120)

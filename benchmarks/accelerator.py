@@ -51,7 +51,7 @@ from typing import Any
 HERE = pathlib.Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(HERE))
+sys.path.append(str(HERE))  # after the repo: benchmarks/data_prep.py must not shadow data_prep
 
 import harness  # noqa: E402
 

@@ -18,7 +18,7 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
-sys.path.insert(0, str(BENCH))
+sys.path.append(str(BENCH))  # appended: benchmarks/data_prep.py must not shadow the package
 
 import accelerator  # noqa: E402
 import harness  # noqa: E402

@@ -8,8 +8,9 @@ Layout of a checkpoint directory (a training `--workdir`'s `checkpoints/`, or th
     <dir>/<step>/meta       JSON: step, model spec, method, data position, config, checksum
 
 Saves are asynchronous and atomic (Orbax writes to a temporary name and renames when done),
-so a crash mid-save leaves the previous step intact; a step that is present but unreadable
-is skipped on resume with a warning. Restores take target shardings, so a checkpoint written
+so a crash mid-save leaves the previous step intact; a step that is present but damaged is
+skipped on resume with a warning and moved aside, while a readable step written by another
+setup (model, method, state tree) stops the run (`restore_latest`). Restores take target shardings, so a checkpoint written
 on one mesh restores onto any other.
 """
 
@@ -66,8 +67,11 @@ def make_manager(directory: str | os.PathLike, *, max_to_keep: int | None = 3,
     # epath, not pathlib.resolve(): the latter turns gs://bucket/ckpt into a local path.
     directory = paths.resolve(directory)
     paths.check_checkpoint_dir(directory)
-    return ocp.CheckpointManager(directory, options=options,
-                                 item_names=("model", "optimizer", "meta"))
+    # Handlers named up front: item_metadata (the strict resume check) needs them before any
+    # restore in this process.
+    handlers = {"model": ocp.StandardCheckpointHandler(),
+                "optimizer": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
 
 def weights_checksum(state: Any) -> str:
@@ -96,9 +100,16 @@ def save(manager: ocp.CheckpointManager, step: int, *, model_state: Any,
     if optimizer_state is not None:
         items["optimizer"] = ocp.args.StandardSave(optimizer_state)
     try:
-        return manager.save(step, args=ocp.args.Composite(**items), force=force)
+        saved = manager.save(step, args=ocp.args.Composite(**items), force=force)
     except Exception as e:  # noqa: BLE001 - I/O failures reach us as OSError or ValueError
         _raise_io_error(manager, step, e)
+    if not saved:
+        # Orbax declines steps at or below its newest one; a caller that believes it saved
+        # would later name a checkpoint that does not exist.
+        raise CheckpointError(f"checkpoint save of step {step} in {manager.directory} was "
+                              f"refused: the directory already holds step "
+                              f"{manager.latest_step()}")
+    return True
 
 
 def wait(manager: ocp.CheckpointManager) -> None:
@@ -135,25 +146,163 @@ def read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
     return dict(restored["meta"])
 
 
-def restore_latest(manager: ocp.CheckpointManager, *, model_target: Any,
-                   optimizer_target: Any) -> tuple[int, Any, Any, dict[str, Any]] | None:
-    """Restore the newest readable step onto the given abstract targets (with shardings).
+class CheckpointMismatch(CheckpointError):
+    """A readable checkpoint that another setup wrote (model, method or state tree differ)."""
 
-    Returns (step, model_state, optimizer_state, meta), or None when there is no checkpoint.
-    Unreadable (half-written or damaged) steps are skipped with a warning.
+
+@dataclasses.dataclass
+class Restored:
+    """What `restore_latest` found: the step, its state trees, its meta, and steps skipped."""
+
+    step: int
+    model: Any
+    optimizer: Any
+    meta: dict[str, Any]
+    skipped: list[int] = dataclasses.field(default_factory=list)
+
+
+def restore_latest(manager: ocp.CheckpointManager, *, model_target: Any,
+                   optimizer_target: Any, expected: Mapping[str, Any] | None = None
+                   ) -> Restored | None:
+    """Restore the newest usable step onto the given abstract targets (with shardings).
+
+    Strict: a readable step whose meta disagrees with `expected` (e.g. {"model": spec,
+    "method": "clef"}) or whose state tree or shapes differ from the targets raises
+    `CheckpointMismatch` naming the difference: resuming it would mean silently training
+    another model from scratch over this run's checkpoints. Only a damaged or incomplete step
+    is skipped, with a warning naming it; it is then moved aside (`damaged-<step>-<time>`) so
+    later saves of lower steps are not refused by Orbax. All processes agree on the step.
+    Returns None when the directory holds no checkpoint.
     """
+    skipped: list[int] = []
     for step in sorted(manager.all_steps(), reverse=True):
         try:
-            restored = manager.restore(step, args=ocp.args.Composite(
-                model=ocp.args.StandardRestore(model_target),
-                optimizer=ocp.args.StandardRestore(optimizer_target),
-                meta=ocp.args.JsonRestore()))
-        except Exception as e:  # noqa: BLE001 - any failure means "not a usable step"
-            log.warning("skipping unreadable checkpoint step %d in %s: %s",
-                        step, manager.directory, str(e).splitlines()[0][:300])
+            meta = read_meta(manager, step)
+            saved = manager.item_metadata(step)
+            saved_model = _metadata_tree(saved, "model")
+            saved_optimizer = _metadata_tree(saved, "optimizer")
+            # Every checkpoint has a model; a training run's (it records a data position)
+            # also an optimiser. A missing item is damage, unlike a weights-only export.
+            if saved_model is None or (saved_optimizer is None and "data_position" in meta):
+                raise CheckpointError("a state item is missing")
+        except Exception as e:  # noqa: BLE001 - unreadable meta or metadata: a damaged step
+            _all_agree(False)
+            skipped.append(step)
+            log.warning("checkpoint step %d in %s is damaged or incomplete (%s); trying the "
+                        "previous step", step, manager.directory, _first_line(e))
             continue
-        return step, restored["model"], restored["optimizer"], dict(restored["meta"])
+        _check_agrees(step, manager.directory, meta, expected,
+                      [("model", saved_model, model_target),
+                       ("optimizer", saved_optimizer, optimizer_target)])
+        try:
+            items = {"model": ocp.args.StandardRestore(model_target),
+                     "meta": ocp.args.JsonRestore()}
+            if optimizer_target is not None:
+                items["optimizer"] = ocp.args.StandardRestore(optimizer_target)
+            restored = manager.restore(step, args=ocp.args.Composite(**items))
+            ok = True
+        except Exception as e:  # noqa: BLE001 - a truncated or missing array file
+            ok, error = False, e
+        if not _all_agree(ok):
+            skipped.append(step)
+            log.warning("checkpoint step %d in %s could not be read (%s); trying the previous "
+                        "step", step, manager.directory,
+                        _first_line(error) if not ok else "another process failed")
+            continue
+        if skipped:
+            _move_aside(manager, skipped)
+            log.warning("resuming from step %d instead of damaged step(s) %s", step,
+                        ", ".join(map(str, skipped)))
+        optimizer = restored["optimizer"] if optimizer_target is not None else None
+        return Restored(step, restored["model"], optimizer, dict(restored["meta"]), skipped)
+    if skipped:
+        _move_aside(manager, skipped)
     return None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:300]
+
+
+def _metadata_tree(saved: Any, name: str) -> Any:
+    """The tree of array metadata (shape, dtype) Orbax recorded for one item, or None."""
+    try:
+        item = saved[name]
+    except KeyError:
+        return None
+    return None if item is None else getattr(item, "tree", item)
+
+
+def _check_agrees(step: int, directory: Any, meta: Mapping[str, Any],
+                  expected: Mapping[str, Any] | None,
+                  trees: list[tuple[str, Any, Any]]) -> None:
+    """Raise CheckpointMismatch when a readable step was written by another setup."""
+    for key, want in (expected or {}).items():
+        got = meta.get(key)
+        if got != want:
+            raise CheckpointMismatch(
+                f"checkpoint step {step} in {directory} holds {key} {_describe(got)}, this run "
+                f"builds {_describe(want)}. Use another workdir (or "
+                "config.init_from to start from those weights); nothing was changed")
+    for name, saved, target in trees:
+        if target is None:
+            continue
+        problems = (tree_differences(saved, target) if saved is not None
+                    else [f"no {name} state (a weights-only export?)"])
+        if problems:
+            shown = "; ".join(problems[:8]) + (" ..." if len(problems) > 8 else "")
+            raise CheckpointMismatch(
+                f"checkpoint step {step} in {directory}: its {name} state does not match this "
+                f"run's ({len(problems)} difference(s): {shown}). A changed optimiser setting "
+                "(e.g. optim.grad_clip_norm) or model option changes this tree; use another "
+                "workdir, or config.init_from to start from the weights; nothing was changed")
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Mapping) and {"name", "size"} <= value.keys():
+        return f"{value['name']}/{value['size']} ({value.get('in_channels', 1)} channel(s))"
+    return repr(value)
+
+
+def tree_differences(saved: Any, target: Any) -> list[str]:
+    """Paths missing on either side and shape mismatches, as readable lines."""
+    got = {_path_key(p): v for p, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
+    want = {_path_key(p): v for p, v in jax.tree_util.tree_flatten_with_path(target)[0]}
+    lines = [f"missing {'/'.join(k)}" for k in sorted(want.keys() - got.keys())]
+    lines += [f"unexpected {'/'.join(k)}" for k in sorted(got.keys() - want.keys())]
+    for k in sorted(want.keys() & got.keys()):
+        a, b = tuple(getattr(got[k], "shape", ())), tuple(getattr(want[k], "shape", ()))
+        if a != b:
+            lines.append(f"{'/'.join(k)} has shape {a}, expected {b}")
+    return lines
+
+
+def _all_agree(ok: bool) -> bool:
+    """True when `ok` holds on every process (one collective; trivially local otherwise)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
+
+
+def _move_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
+    """Rename damaged steps out of Orbax's view (kept for inspection, never deleted)."""
+    import time
+
+    if jax.process_index() == 0:
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        for step in steps:
+            src = epath.Path(manager.directory) / str(step)
+            if src.exists():
+                dst = src.parent / f"damaged-{step}-{stamp}"
+                src.rename(dst)
+                log.warning("moved damaged checkpoint step %d aside to %s", step, dst)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("clef_jax: damaged checkpoints moved aside")
+    manager.reload()
 
 
 def _newest_step(directory: epath.Path, step: int | None) -> tuple[ocp.CheckpointManager, int]:

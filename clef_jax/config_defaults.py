@@ -30,12 +30,17 @@ def default_config() -> ml_collections.ConfigDict:
     ))
     c.loss = ml_collections.ConfigDict(dict(temperature=0.07, use_missing_mask=False))
     c.byol = ml_collections.ConfigDict(dict(predictor_hidden_dim=1024, ema_decay=0.996))
-    c.moco = ml_collections.ConfigDict(dict(queue_size=65536, momentum=0.999))
+    # variant: "symmetric" (ours: both views query, keys enqueued once per step) or "reference"
+    # (the authors' code: query view 1, key view 2, keys enqueued twice per step); methods.Moco.
+    c.moco = ml_collections.ConfigDict(dict(queue_size=65536, momentum=0.999,
+                                            variant="symmetric"))
 
     c.data = default_data_config()  # keys documented in clef_jax/data/config.py
-    # Used when data.dataset_dir does not exist yet: prepare it with data_prep first.
+    # Used when data.dataset_dir is not a finished dataset yet: prepare it with data_prep first
+    # (clef_jax/data/prepare.py). Process 0 builds; the others wait up to wait_timeout_s
+    # seconds for data_prep's completion marker.
     c.data.prepare = ml_collections.ConfigDict(dict(source="", input="", metadata="",
-                                                    extra_args=()))
+                                                    extra_args=(), wait_timeout_s=3600.0))
 
     c.optim = ml_collections.ConfigDict(dict(
         learning_rate=1e-4, weight_decay=5e-4, b1=0.9, b2=0.999, eps=1e-8,
@@ -46,9 +51,37 @@ def default_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict(dict(
         global_batch_size=64, num_epochs=100, num_steps=0,  # num_steps > 0 overrides epochs
         seed=0, log_every_steps=10,
+        # Persistent XLA compilation cache: "auto" = ${CLEF_JAX_CACHE:-~/.cache/clef_jax}/xla,
+        # "" = off; JAX_COMPILATION_CACHE_DIR wins. Cuts the time to the first step.
+        compilation_cache_dir="auto",
+        # Several processes agree on SIGTERM by an all-gather about this often (seconds).
+        preemption_check_s=2.0,
+        # jax.transfer_guard level for the steps between logs: "log" names any device->host
+        # read that would make the host wait for the device; "disallow" makes it an error.
+        host_transfer_guard="log",
+    ))
+    c.resume = ml_collections.ConfigDict(dict(
+        # Resuming with another batch size, data seed, process count or dataset changes the
+        # batches every later step sees; refused unless this is True (then recorded).
+        allow_data_change=False,
+    ))
+    # Evaluations during pretraining (clef_jax/periodic_eval.py); every_steps=0 turns one off.
+    c.evals = ml_collections.ConfigDict(dict(
+        linear_probe=ml_collections.ConfigDict(dict(
+            every_steps=0,
+            dataset_dir="",  # "" = data.dataset_dir; any data_prep dataset with labels
+            split="validation",  # scored split; the probe is fitted on "train"
+            task="superdiagnostic",  # a clef_jax.evaluate task (PTB-XL aggregations, sex, ...)
+            lead="I",
+            min_count=0,  # "dx" task: minimum positives per class (0 = the task's default)
+            random_baseline=True,  # a fresh run also probes its random encoder at step 0
+        )),
     ))
     c.checkpoint = ml_collections.ConfigDict(dict(
         every_steps=500, keep=3, async_save=True,
+        # An eval metric (e.g. "eval/linear_probe/macro_auroc"; lower is better for mae/loss):
+        # the best backbone so far is kept in <checkpoint dir>_best/, besides the newest ones.
+        keep_best="",
         # "" = <workdir>/checkpoints. A local path or gs:// (Orbax's TensorStore drivers); lets
         # a workdir on another scheme keep its checkpoints somewhere Orbax can write.
         directory=""))
@@ -67,6 +100,9 @@ def default_config() -> ml_collections.ConfigDict:
         mode="auto",  # auto | off | on
         coordinator_address="", num_processes=0, process_id=-1, local_device_ids=(),
         initialization_timeout_s=300,
+        # A process silent this long counts as dead, and the others abort (JAX's default 100).
+        heartbeat_timeout_s=100,
+        shutdown_timeout_s=300,  # how long exit waits for the other processes
     ))
     return c
 
@@ -103,6 +139,21 @@ def validate(c: ml_collections.ConfigDict) -> None:
     require(c.train.log_every_steps >= 1, "train.log_every_steps", "must be >= 1")
     require(c.checkpoint.every_steps >= 1, "checkpoint.every_steps", "must be >= 1")
     require(c.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+    require(c.train.host_transfer_guard in ("allow", "log", "disallow"),
+            "train.host_transfer_guard",
+            f"{c.train.host_transfer_guard!r} is not one of allow, log, disallow")
+    require(c.train.preemption_check_s > 0, "train.preemption_check_s", "must be positive")
+    probe = c.evals.linear_probe
+    require(probe.every_steps >= 0, "evals.linear_probe.every_steps", "must be >= 0 (0 = off)")
+    require(probe.split in ("validation", "test"), "evals.linear_probe.split",
+            f"{probe.split!r} is not one of validation, test (the probe is fitted on train)")
+    require(probe.lead in LEAD_NAMES, "evals.linear_probe.lead",
+            f"unknown lead {probe.lead!r}; valid: {', '.join(LEAD_NAMES)}")
+    if c.checkpoint.keep_best:
+        require(c.checkpoint.keep_best.startswith("eval/linear_probe/")
+                and probe.every_steps > 0, "checkpoint.keep_best",
+                f"{c.checkpoint.keep_best!r}: name a metric of an enabled evaluation, e.g. "
+                "eval/linear_probe/macro_auroc with evals.linear_probe.every_steps > 0")
     require(c.loss.temperature > 0, "loss.temperature", "must be positive")
     require(c.projection.dim >= 0, "projection.dim", "must be >= 0 (0: the method's default)")
     require(c.projection.hidden_dim >= 0, "projection.hidden_dim",
@@ -113,13 +164,23 @@ def validate(c: ml_collections.ConfigDict) -> None:
     unknown = [lead for lead in c.data.leads if lead not in LEAD_NAMES]
     require(not unknown and len(c.data.leads) > 0, "data.leads",
             f"unknown lead(s) {unknown}; valid: {', '.join(LEAD_NAMES)}")
+    require(c.data.prepare.wait_timeout_s > 0, "data.prepare.wait_timeout_s",
+            "must be > 0 (seconds the other processes wait for process 0's data_prep build)")
     require(c.distributed.mode in ("auto", "on", "off"), "distributed.mode",
             f"{c.distributed.mode!r} is not one of auto, on, off")
     require(c.distributed.initialization_timeout_s >= 1, "distributed.initialization_timeout_s",
             "must be >= 1 (seconds to wait for every process to join)")
+    for key in ("heartbeat_timeout_s", "shutdown_timeout_s"):
+        require(c.distributed[key] >= 1, f"distributed.{key}", "must be >= 1 (seconds)")
     if c.method == "byol":
         require(c.byol.predictor_hidden_dim >= 1, "byol.predictor_hidden_dim", "must be >= 1")
     if c.method == "moco":
+        from clef_jax.methods import MOCO_VARIANTS
+
+        require(c.moco.variant in MOCO_VARIANTS, "moco.variant",
+                f"{c.moco.variant!r} is not one of {', '.join(MOCO_VARIANTS)}")
+        # Keys go into the queue in whole batches (twice per step for "reference"), at a
+        # pointer that wraps to 0: whole batches must tile the queue exactly.
         require(c.moco.queue_size % c.train.global_batch_size == 0, "moco.queue_size",
                 f"{c.moco.queue_size} must be a multiple of train.global_batch_size "
                 f"({c.train.global_batch_size})")

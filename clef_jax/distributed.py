@@ -72,7 +72,10 @@ def initialize(cfg: ml_collections.ConfigDict) -> bool:
     joined = _start_join_watchdog(cfg, timeout)
     try:
         # JAX gets a little longer than the watchdog, so ours is the message the user sees.
-        jax.distributed.initialize(initialization_timeout=timeout + _JAX_GRACE_S, **kwargs)
+        jax.distributed.initialize(initialization_timeout=timeout + _JAX_GRACE_S,
+                                   heartbeat_timeout_seconds=int(cfg.heartbeat_timeout_s),
+                                   shutdown_timeout_seconds=int(cfg.shutdown_timeout_s),
+                                   **kwargs)
     except Exception as e:  # noqa: BLE001 - re-raised with the settings that matter
         where = cfg.coordinator_address or "auto-detected coordinator"
         raise RuntimeError(

@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import dataclasses
 import functools
-import hashlib
 import json
 import os
 import sys
@@ -166,15 +165,6 @@ class SplitData:
         return SplitData(**take)
 
 
-def dataset_fingerprint(path: Path) -> str:
-    """SHA-256 (16 hex) of the dataset's metadata files: identifies the data a report used."""
-    digest = hashlib.sha256()
-    for name in ("dataset_info.json", "clef_prep.json"):
-        if (path / name).is_file():
-            digest.update((path / name).read_bytes())
-    return digest.hexdigest()[:16]
-
-
 def _open_builder(data_dir: str | os.PathLike) -> tuple[Any, Path, float]:
     # The training pipeline's own folder checks, so both read a dataset the same way.
     from clef_jax.data import pipeline
@@ -262,7 +252,10 @@ def load_split(data_dir: str | os.PathLike, split: str = "all", *,
     dropped = int((~keep).sum())
     cat = {k: v[keep] for k, v in cat.items()}
     labels = {k[4:]: cat.pop(k) for k in list(cat) if k.startswith("lab_")}
-    return SplitData(leads=tuple(leads), labels=labels, fingerprint=dataset_fingerprint(path),
+    from clef_jax.data import pipeline
+
+    return SplitData(leads=tuple(leads), labels=labels,
+                     fingerprint=pipeline.dataset_fingerprint(path),
                      dropped_missing_lead=dropped, **cat)
 
 

@@ -23,6 +23,7 @@ from clef_jax import losses
 from clef_jax.models import create_backbone, embedding_dim
 
 METHOD_NAMES = ("clef", "simclr", "byol", "moco")
+MOCO_VARIANTS = ("symmetric", "reference")  # config.moco.variant; see Moco
 
 # Parameters the optimiser updates: everything trainable except the momentum target, which
 # moves only by EMA (PyTorch gives it no gradient, so weight decay must not touch it either).
@@ -125,6 +126,18 @@ class Method:
     def after_update(self, model: ContrastiveModel, aux: dict[str, Any]) -> None:
         del model, aux
 
+    def sync_target(self, model: ContrastiveModel) -> None:
+        """Copy the online encoder into the momentum target (no-op for methods without one).
+
+        For when the online weights are replaced outside training (`config.init_from`): the
+        target must start from the same weights, as it does after `build`.
+        """
+        if model.target is None:
+            return
+        online = nnx.state(model.online, nnx.Param)
+        # Copies, not shared buffers: the train step donates every leaf of the state.
+        nnx.update(model.target, jax.tree.map(jnp.copy, online))
+
 
 class SimCLR(Method):
     pass
@@ -168,7 +181,17 @@ class Byol(Method):
 
 
 class Moco(Method):
-    """MoCo: momentum key encoder and a queue of past keys as negatives (symmetrised)."""
+    """MoCo: momentum key encoder and a queue of past keys as negatives.
+
+    `config.moco.variant`:
+
+    * "symmetric" (default): both views are queries, each against the other view's key
+      (the mean of the two losses); the view-2 keys are enqueued once per step.
+    * "reference": reproduces the authors' baseline, bug included: query from view 1, key from
+      view 2 (one loss), and the step's keys are enqueued twice (two consecutive queue blocks,
+      the pointer moving 2·batch per step), as their training step does. Use it to compare with
+      their published numbers, not as the better MoCo.
+    """
 
     default_projection = 128
 
@@ -180,11 +203,16 @@ class Moco(Method):
         return ContrastiveModel(online, target=nnx.clone(online), queue=queue)
 
     def loss(self, model, batch):
+        queue = model.queue.get_value()
+        t = self.config.loss.temperature
+        if self.config.moco.variant == "reference":
+            q1 = model.online(batch["view1"])
+            k2 = jax.lax.stop_gradient(model.target(batch["view2"]))
+            loss = losses.moco_loss(q1, k2, queue, temperature=t)
+            return loss, {"loss": loss, "keys": k2}
         q1, q2 = encode_views(model.online, batch["view1"], batch["view2"])
         k1, k2 = encode_views(model.target, batch["view1"], batch["view2"])
         k1, k2 = jax.lax.stop_gradient(k1), jax.lax.stop_gradient(k2)
-        queue = model.queue.get_value()
-        t = self.config.loss.temperature
         loss = 0.5 * (losses.moco_loss(q1, k2, queue, temperature=t)
                       + losses.moco_loss(q2, k1, queue, temperature=t))
         return loss, {"loss": loss, "keys": k2}
@@ -192,6 +220,13 @@ class Moco(Method):
     def after_update(self, model, aux):
         _ema(model.target, model.online, self.config.moco.momentum)
         keys = aux["keys"] / jnp.linalg.norm(aux["keys"], axis=1, keepdims=True)
+        for _ in range(2 if self.config.moco.variant == "reference" else 1):
+            self._enqueue(model, keys)
+
+    @staticmethod
+    def _enqueue(model: ContrastiveModel, keys: jax.Array) -> None:
+        # validate() makes the queue a whole number of batches, so a block never straddles the
+        # end and the pointer wraps to exactly 0.
         ptr = model.queue_ptr.get_value()
         queue = jax.lax.dynamic_update_slice(model.queue.get_value(),
                                              keys.astype(model.queue.dtype), (ptr, 0))
@@ -206,4 +241,7 @@ def get_method(config: ml_collections.ConfigDict) -> Method:
     if config.method not in _METHODS:
         raise ValueError(f"config.method: unknown method {config.method!r}; "
                          f"valid: {', '.join(METHOD_NAMES)}")
+    if config.method == "moco" and config.moco.variant not in MOCO_VARIANTS:
+        raise ValueError(f"config.moco.variant: {config.moco.variant!r} is not one of "
+                         f"{', '.join(MOCO_VARIANTS)}")
     return _METHODS[config.method](config)

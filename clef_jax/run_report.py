@@ -23,8 +23,9 @@ _NOT_LOSS = frozenset({"step", "lr", "views_per_s", "grad_norm"})
 def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
     """The logged intervals of `workdir/metrics.jsonl`, one dict per logged step.
 
-    A resumed run may log a step twice (once before a crash, once after); the later entry
-    wins, so the curve shows what the final parameters went through.
+    Records of one step are merged (training interval and evaluations). A resumed run may
+    log a step twice (once before a crash, once after); the later value wins, so the curve
+    shows what the final parameters went through.
     """
     path = paths.resolve(workdir) / "metrics.jsonl"
     if not path.exists():
@@ -34,7 +35,7 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
         line = line.strip()
         if line:
             record = json.loads(line)
-            by_step[int(record["step"])] = record
+            by_step.setdefault(int(record["step"]), {}).update(record)
     return [by_step[s] for s in sorted(by_step)]
 
 
@@ -48,10 +49,14 @@ def write_loss_plot(workdir: str | os.PathLike, records: Sequence[dict[str, Any]
     matplotlib.use("Agg")  # no display on training hosts
     import matplotlib.pyplot as plt
 
+    records = [r for r in records if "loss" in r]  # training intervals (not eval-only steps)
+    if not records:
+        return None
     steps = [r["step"] for r in records]
     fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(7, 6), sharex=True,
                                          gridspec_kw={"height_ratios": [3, 1]})
-    keys = ["loss"] + sorted({k for r in records for k in r} - _NOT_LOSS - {"loss"})
+    keys = ["loss"] + sorted({k for r in records for k in r if not k.startswith("eval/")}
+                             - _NOT_LOSS - {"loss"})
     for key in keys:
         ax_loss.plot(steps, [r.get(key, float("nan")) for r in records], label=key,
                      linewidth=2 if key == "loss" else 1)
@@ -88,20 +93,25 @@ def _shown(path: str | os.PathLike) -> str:
 
 def format_summary(*, workdir: str | os.PathLike, records: Sequence[dict[str, Any]],
                    checkpoint_steps: Sequence[int], plot: str | os.PathLike | None, first_step: int,
-                   last_step: int, preempted: bool, model: str, wall_s: float) -> str:
+                   last_step: int, preempted: bool, model: str, wall_s: float,
+                   best_checkpoint: str | None = None) -> str:
     """A few lines for the console: what ran, where the results are, what to try next."""
     w = _shown(workdir)
     lines = []
     verb = "stopped by SIGTERM at" if preempted else "finished at"
     lines.append(f"training {verb} step {last_step} (this run: steps {first_step}→{last_step}, "
                  f"{wall_s / 60:.1f} min), {model}")
-    if records:
-        first, last = records[0], records[-1]
+    intervals = [r for r in records if "loss" in r]
+    if intervals:
+        first, last = intervals[0], intervals[-1]
         lines.append(f"  loss          {first['loss']:.4f} (interval ending at step "
                      f"{first['step']}) → {last['loss']:.4f} (ending at step {last['step']})")
+    lines += _probe_lines(records)
     steps = ", ".join(str(s) for s in checkpoint_steps) or "none"
     lines += [
         f"  checkpoints   {w}/checkpoints (steps {steps}); rerun the same command to resume",
+        *([f"  best          {_shown(best_checkpoint)} (weights of the best probe)"]
+          if best_checkpoint else []),
         f"  metrics       {w}/metrics.jsonl; TensorBoard: tensorboard --logdir {w}/tensorboard",
         f"  plot          {_shown(plot) if plot else '(nothing logged yet)'}",
         f"  config        {w}/config.json",
@@ -113,3 +123,24 @@ def format_summary(*, workdir: str | os.PathLike, records: Sequence[dict[str, An
         "--config.data.dataset_dir=DATASET --workdir runs/mine",
     ]
     return "\n".join(lines)
+
+
+def _probe_lines(records: Sequence[dict[str, Any]]) -> list[str]:
+    """The periodic linear probe: the newest, the best and the random encoder's (step 0)."""
+    for key, name, higher in (("eval/linear_probe/macro_auroc", "macro AUROC", True),
+                              ("eval/linear_probe/mae", "MAE", False)):
+        evals = [r for r in records if key in r]
+        if not evals:
+            continue
+        last = evals[-1]
+        trained = [r for r in evals if r["step"] > 0]
+        pick = max if higher else min
+        text = f"  linear probe  {name} {last[key]:.3f} at step {last['step']}"
+        if trained:
+            top = pick(trained, key=lambda r: r[key])
+            text += f" (best {top[key]:.3f} at step {top['step']})"
+        if evals[0]["step"] == 0:
+            text += f"; random-initialised encoder {evals[0][key]:.3f}"
+        n = last.get("eval/linear_probe/n_eval")
+        return [text + (f" (n = {int(n)} validation ECGs)" if n else "")]
+    return []

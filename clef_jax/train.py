@@ -11,16 +11,15 @@ config to `W/config.json`.
 
 from __future__ import annotations
 
-import contextlib
+import collections
 import dataclasses
 import json
 import logging
 import math
 import os
-import signal
-import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -28,8 +27,12 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from clef_jax import checkpoint, distributed, paths, run_report, sharding
+from clef_jax import checkpoint, distributed, paths, periodic_eval, resume, run_report, sharding
 from clef_jax.config_defaults import validate
+from clef_jax.data import prepare as data_prepare
+from clef_jax.metric_writer import MetricWriter
+from clef_jax.preemption import Preemption
+from clef_jax.step_metrics import StepMetrics
 from clef_jax.trainer import Trainer
 
 log = logging.getLogger("clef_jax.train")
@@ -52,101 +55,9 @@ class RunSummary:
     model: str = ""
     checkpoint_steps: list[int] = dataclasses.field(default_factory=list)
     plot: str | None = None
+    best_checkpoint: str | None = None
+    first_step_s: float | None = None  # pretrain() start -> first step done (compiles included)
     wall_s: float = 0.0
-
-
-class _Preemption:
-    """Turns SIGTERM into a flag the loop checks once per step (then saves and exits)."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self) -> _Preemption:
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        del signum, frame
-        self.requested = True
-
-    def __exit__(self, *exc) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
-
-    def agreed(self) -> bool:
-        """All processes must stop at the same step, so they agree on the flag."""
-        if jax.process_count() == 1:
-            return self.requested
-        from jax.experimental import multihost_utils
-        return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
-
-
-def prepare_dataset(config: ml_collections.ConfigDict) -> None:
-    """Run data_prep once when `data.dataset_dir` is missing and `data.prepare` says how."""
-    target = paths.resolve(config.data.dataset_dir)
-    if target.exists():
-        return
-    prep = config.data.prepare
-    if not prep.source:
-        raise FileNotFoundError(
-            f"config.data.dataset_dir: {target} does not exist; build it with "
-            "`python -m data_prep build ... --output` or set config.data.prepare")
-    if paths.is_remote(target):
-        # data_prep writes with local file APIs; build locally and copy the folder up.
-        raise ValueError(f"config.data.dataset_dir: {target} does not exist, and "
-                         "config.data.prepare builds local folders only; build it locally "
-                         "and copy it there (e.g. gsutil -m cp -r)")
-    if jax.process_index() == 0:
-        cmd = [sys.executable, "-m", "data_prep", "build", "--source", prep.source,
-               "--input", str(prep.input), "--output", str(target), *prep.extra_args]
-        if prep.metadata:
-            cmd += ["--metadata", str(prep.metadata)]
-        log.info("preparing the dataset: %s", " ".join(cmd))
-        subprocess.run(cmd, check=True)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices("clef_jax: dataset prepared")
-
-
-class MetricWriter:
-    """metrics.jsonl + TensorBoard, written by process 0 only.
-
-    TensorBoard events come from `tf.summary`: TensorFlow is already loaded by the input
-    pipeline, while tensorboardX would import torch into every training process.
-    """
-
-    def __init__(self, workdir: paths.epath.Path):
-        self.enabled = jax.process_index() == 0
-        if not self.enabled:
-            return
-        import tensorflow as tf
-
-        self._tf = tf
-        # epath opens gs:// (and other schemes) through tf.io.gfile, as a context manager
-        # for remote paths: the ExitStack closes either kind. Flushed per write below.
-        self._files = contextlib.ExitStack()
-        self._jsonl = self._files.enter_context((workdir / "metrics.jsonl").open("a"))
-        self._tb = tf.summary.create_file_writer(str(workdir / "tensorboard"))
-        # tf.summary.scalar needs the tensorboard package; the core op with the scalars
-        # plugin's metadata writes the same event without it.
-        self._scalar = tf.compat.v1.SummaryMetadata(
-            plugin_data=tf.compat.v1.SummaryMetadata.PluginData(plugin_name="scalars"))
-
-    def write(self, step: int, metrics: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
-        self._jsonl.flush()
-        with self._tb.as_default(step=step):
-            for key, value in metrics.items():
-                self._tf.summary.write(f"train/{key}", self._tf.constant(value, self._tf.float32),
-                                       metadata=self._scalar)
-        self._tb.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self._files.close()
-            self._tb.close()
 
 
 def _check_batch(config: ml_collections.ConfigDict, mesh) -> None:
@@ -169,12 +80,14 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> R
     distributed.initialize(config.distributed)
     # Before anything else can diverge: versions, code and config must agree on every host.
     distributed.check_consistency(config)
+    _enable_compilation_cache(config.train.compilation_cache_dir)
     # Not pathlib: Path("gs://b/run").resolve() is a local folder named "gs:".
     workdir = paths.resolve(workdir)
     ckpt_dir = paths.resolve(config.checkpoint.directory or workdir / "checkpoints")
     paths.check_checkpoint_dir(ckpt_dir, "config.checkpoint.directory")
     workdir.mkdir(parents=True, exist_ok=True)
-    prepare_dataset(config)
+    data_prepare.prepare_dataset(config)
+    dataset_ready = time.perf_counter()
 
     mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
     _check_batch(config, mesh)
@@ -185,79 +98,107 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> R
 
     manager = checkpoint.make_manager(ckpt_dir, max_to_keep=config.checkpoint.keep,
                                       async_save=config.checkpoint.async_save)
-    restored = checkpoint.restore_latest(manager, model_target=trainer.abstract_target("model"),
-                                         optimizer_target=trainer.abstract_target("optimizer"))
-    if restored is not None:
-        start_step, model_state, optimizer_state, _ = restored
-        state = checkpoint.restructure(trainer.abstract_state,
-                                       {"model": model_state, "optimizer": optimizer_state})
-        log.info("resumed from %s at step %d", manager.directory, start_step)
-    else:
-        start_step = 0
-        state = trainer.init()
-        if config.init_from:
-            state = _init_backbone_from(trainer, state, config.init_from)
-
+    position = resume.DataPosition(
+        seed=config.data.seed, global_batch_size=gbs, process_count=jax.process_count(),
+        dataset=input_pipeline.dataset_fingerprint(config.data.dataset_dir))
+    try:
+        start = resume.restore_or_init(config, trainer, manager, position)
+    except BaseException:
+        manager.close()
+        raise
+    state = start.state
+    state_ready = time.perf_counter()
+    if not start.resumed and config.init_from:
+        state = _init_backbone_from(trainer, state, config.init_from)
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
 
-    meta = {"model": checkpoint.ModelSpec(config.model.name, config.model.size,
-                                          config.model.in_channels).to_dict(),
-            "method": config.method, "config": json.loads(config.to_json_best_effort()),
-            "data_position": {"seed": config.data.seed, "global_batch_size": gbs,
-                              "process_count": jax.process_count()}}
-    batches = input_pipeline.make_train_iterator(
+    spec = checkpoint.ModelSpec(config.model.name, config.model.size, config.model.in_channels)
+    meta = {"model": spec.to_dict(), "method": config.method,
+            "config": json.loads(config.to_json_best_effort()),
+            "data_position": position.to_dict(), "data_changes": start.data_changes}
+    probe = periodic_eval.LinearProbeEval.from_config(config)
+    best = (periodic_eval.BestCheckpoint(config.checkpoint.keep_best,
+                                         periodic_eval.BestCheckpoint.directory_for(ckpt_dir),
+                                         spec)
+            if config.checkpoint.keep_best else None)
+    batches = _device_batches(trainer, input_pipeline.make_train_iterator(
         config, global_batch_size=gbs, process_index=jax.process_index(),
-        process_count=jax.process_count(), start_step=start_step)
+        process_count=jax.process_count(), start_step=start.step), start.step)
     writer = MetricWriter(workdir)
-    views_per_step = 2 * gbs
+    step = start.step
+    last_saved = step if start.resumed else -1
+    step_metrics = StepMetrics()
     first_loss = last_loss = math.nan
-    last_saved = start_step if restored is not None else -1
-    step = start_step
-    progress = _progress(start_step, total_steps)
-    tick, tick_step = time.perf_counter(), start_step
-    interval: dict[str, float] = {}
-    interval_start = start_step
+    progress = _progress(step, total_steps)
+    tick, tick_step = time.perf_counter(), step
     preempted = False
+    first_step_s: float | None = None
+
+    def stop_if_diverged() -> None:
+        """Before anything reads or saves the state: it must come from finite steps only."""
+        if (bad := step_metrics.first_bad_step()) is not None:
+            good = f"step {last_saved}" if last_saved >= 0 else "none"
+            raise TrainingDiverged(
+                f"the loss, gradient norm or learning rate is not finite at step {bad}; "
+                f"stopped at step {step} without saving. Last good checkpoint: {good} in "
+                f"{manager.directory}")
+
+    def evaluate(at_step: int) -> None:
+        backbone = nnx.merge(trainer.graphdef, state).model.backbone
+        results = probe.run(backbone)
+        writer.write(at_step, results)
+        log.info("step %d: %s", at_step, ", ".join(f"{k} {v:.4g}" for k, v in results.items()))
+        if best is not None and at_step > 0:
+            best.update(at_step, results, backbone)
+
     try:
-        with _Preemption() as preemption:
+        with Preemption(config.train.preemption_check_s) as preemption:
+            preemption.start(step)
+            if probe is not None and probe.random_baseline and not start.resumed:
+                evaluate(0)  # the initial, random encoder: the baseline to beat
+            loop_started = time.perf_counter()
             while step < total_steps:
-                batch = trainer.global_batch(next(batches))
-                with jax.set_mesh(mesh):
-                    state, metrics = trainer.step(state, batch)
-                step += 1
-                # One small device->host copy per step: NaN is caught at the step it happens,
-                # and logged values are means over the logging interval, not one noisy batch.
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                loss = metrics["loss"]
-                if not math.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"loss is {loss} at step {step}; stopped without saving. Last good "
-                        f"checkpoint: {f'step {last_saved}' if last_saved >= 0 else 'none'} "
-                        f"in {manager.directory}")
-                first_loss = loss if math.isnan(first_loss) else first_loss
-                last_loss = loss
-                for key, value in metrics.items():
-                    interval[key] = interval.get(key, 0.0) + value
+                # The hot path only dispatches: no device->host read until a log, eval or save.
+                with jax.transfer_guard_device_to_host(config.train.host_transfer_guard):
+                    batch = next(batches)
+                    with jax.set_mesh(mesh):
+                        state, metrics = trainer.step(state, batch)
+                    step += 1
+                    step_metrics.add(metrics, step)
+                if first_step_s is None:
+                    # One wait, once: the time to the first step is worth knowing (compiles).
+                    jax.block_until_ready(metrics["loss"])
+                    first_step_s = time.perf_counter() - started
+                    log.info("first step done %.1f s after pretrain() began: dataset %.1f s, "
+                             "state %.1f s, compile + first step %.1f s", first_step_s,
+                             dataset_ready - started, state_ready - dataset_ready,
+                             time.perf_counter() - loop_started)
                 if progress is not None:
                     progress.update(1)
                 if step % config.train.log_every_steps == 0 or step == total_steps:
+                    scalars = step_metrics.drain()
+                    stop_if_diverged()
                     now = time.perf_counter()
-                    rate = views_per_step * (step - tick_step) / max(now - tick, 1e-9)
+                    scalars["views_per_s"] = 2 * gbs * (step - tick_step) / max(now - tick, 1e-9)
                     tick, tick_step = now, step
-                    n = step - interval_start
-                    scalars = {k: v / n for k, v in interval.items()}
-                    scalars["views_per_s"] = rate
                     writer.write(step, scalars)
-                    interval, interval_start = {}, step
+                    first_loss = scalars["loss"] if math.isnan(first_loss) else first_loss
+                    last_loss = scalars["loss"]
                     if progress is not None:
-                        progress.set_postfix(loss=f"{scalars['loss']:.4f}", views_s=f"{rate:.0f}")
+                        progress.set_postfix(loss=f"{last_loss:.4f}",
+                                             views_s=f"{scalars['views_per_s']:.0f}")
+                if probe is not None and probe.due(step, total_steps):
+                    stop_if_diverged()
+                    evaluate(step)
                 if step % config.checkpoint.every_steps == 0 or step == total_steps:
+                    stop_if_diverged()
                     _save(manager, step, state, meta)
                     last_saved = step
-                if preemption.agreed():
+                if preemption.should_stop(step):
                     log.warning("SIGTERM received: saving step %d and exiting", step)
                     if last_saved != step:
+                        stop_if_diverged()
                         _save(manager, step, state, meta)
                         last_saved = step
                     preempted = True
@@ -269,16 +210,53 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> R
         if progress is not None:
             progress.close()
         manager.close()
+        if best is not None:
+            best.close()
     plot = None
     if jax.process_index() == 0:
         plot = run_report.write_loss_plot(workdir, run_report.read_metrics(workdir))
-    return RunSummary(first_step=start_step, last_step=step, final_loss=last_loss,
+    return RunSummary(first_step=start.step, last_step=step, final_loss=last_loss,
                       first_loss=first_loss, preempted=preempted,
                       workdir=paths.shown(workdir),
                       model=f"{config.method} / {config.model.name} {config.model.size}",
                       checkpoint_steps=checkpoint_steps,
                       plot=paths.shown(plot) if plot else None,
-                      wall_s=time.perf_counter() - started)
+                      best_checkpoint=(paths.shown(best.directory)
+                                       if best is not None and best.best_step else None),
+                      first_step_s=first_step_s, wall_s=time.perf_counter() - started)
+
+
+# Fault injection (docs/reliability.md): the batch of this step becomes NaN.
+INJECT_NAN_ENV = "CLEF_JAX_INJECT_NAN_AT_STEP"
+
+
+def _device_batches(trainer: Trainer, host_batches: Iterator[dict[str, np.ndarray]],
+                    start_step: int, depth: int = 2) -> Iterator[dict[str, jax.Array]]:
+    """Global device batches, `depth` ahead: transfers overlap the running step."""
+    nan_step = int(os.environ.get(INJECT_NAN_ENV, "0") or 0)
+    ready: collections.deque[dict[str, jax.Array]] = collections.deque()
+    for step, local in enumerate(host_batches, start=start_step + 1):
+        if step == nan_step:
+            local = dict(local, view1=np.full_like(local["view1"], np.nan))
+        ready.append(trainer.global_batch(local))
+        if len(ready) > depth:
+            yield ready.popleft()
+    yield from ready
+
+
+def _enable_compilation_cache(setting: str) -> None:
+    """Persist compiled programs across runs (time to first step); "" turns it off.
+
+    An existing JAX_COMPILATION_CACHE_DIR (or jax config) wins; "auto" is
+    `${CLEF_JAX_CACHE:-~/.cache/clef_jax}/xla`.
+    """
+    if not setting or os.environ.get("JAX_COMPILATION_CACHE_DIR") \
+            or jax.config.jax_compilation_cache_dir:
+        return
+    if setting == "auto":
+        root = os.environ.get("CLEF_JAX_CACHE") or os.path.join("~", ".cache", "clef_jax")
+        setting = os.path.join(root, "xla")
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(setting))
 
 
 def _save(manager, step: int, state: nnx.State, meta: dict[str, Any]) -> None:
@@ -298,6 +276,7 @@ def _init_backbone_from(trainer: Trainer, state: nnx.State, source: str) -> nnx.
                          f"builds {c.name}/{c.size} with {c.in_channels} input channel(s)")
     train_state = nnx.merge(trainer.graphdef, state)
     checkpoint.assign_backbone(train_state.model.backbone, model_state, source=source)
+    trainer.method.sync_target(train_state.model)  # BYOL/MoCo: the target starts equal too
     new_state = nnx.state(train_state)
     # Re-place on the target shardings (the copied leaves are host arrays).
     state = jax.device_put(new_state, trainer.state_shardings)
@@ -324,19 +303,42 @@ def main(argv: list[str]) -> None:
     config = flags.FLAGS.config
     try:
         summary = pretrain(config, flags.FLAGS.workdir)
-    except (ValueError, FileNotFoundError, checkpoint.CheckpointError, TrainingDiverged) as e:
+    except (ValueError, FileNotFoundError, TimeoutError, checkpoint.CheckpointError,
+            TrainingDiverged) as e:
         # Bad input and known faults: one clear message, no library traceback.
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        _exit_now(1)
+    except Exception as e:
+        if jax.process_count() == 1:
+            raise
+        # Typically a collective whose peer died (gloo/NCCL "connection closed").
+        log.exception("process %d failed", jax.process_index())
+        print(f"error: process {jax.process_index()} of {jax.process_count()}: "
+              f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]} (another process "
+              "probably failed or was killed; see its log)", file=sys.stderr)
+        _exit_now(1)
     if jax.process_index() == 0:
         print(run_report.format_summary(
             workdir=summary.workdir, records=run_report.read_metrics(summary.workdir),
             checkpoint_steps=summary.checkpoint_steps,
             plot=summary.plot, first_step=summary.first_step,
             last_step=summary.last_step, preempted=summary.preempted, model=summary.model,
-            wall_s=summary.wall_s), file=sys.stderr)
+            wall_s=summary.wall_s, best_checkpoint=summary.best_checkpoint), file=sys.stderr)
     # Last stdout line: machine-readable, for scripts and tests.
     print(json.dumps(dataclasses.asdict(summary)))
+
+
+def _exit_now(code: int) -> None:
+    """Exit after an error without the interpreter's shutdown hooks.
+
+    Those would wait in JAX's shutdown barrier for processes that may be gone (up to
+    distributed.shutdown_timeout_s), and let Orbax's background save thread and asyncio print
+    tracebacks of a save that already failed, burying the one `error:` line.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
 
 
 def _run() -> None:

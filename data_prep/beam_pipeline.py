@@ -35,10 +35,18 @@ Commands (everything after ``--`` goes to Beam's ``PipelineOptions``)::
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 
 from data_prep import reporting
-from data_prep.build import BuildSettings, plan_units, prepare_output, run_timings
+from data_prep.build import (
+    BuildSettings,
+    finished_report,
+    plan_units,
+    prepare_output,
+    publish,
+    run_timings,
+)
 from data_prep.sources import SourceListing
 from data_prep.units import load_unit_result, run_unit
 
@@ -77,8 +85,10 @@ def run_beam(settings: BuildSettings, *, runner: str = "DirectRunner",
     t0 = time.perf_counter()
     plan = plan_units(settings, listing)
     t_plan = time.perf_counter() - t0
-    prepare_output(settings, plan)
-    done = {u.name for u in plan.units if load_unit_result(settings.output_dir, u) is not None}
+    if (report := finished_report(settings, plan)) is not None:
+        return report
+    stage = prepare_output(settings, plan)  # the workers write here; renamed to --output at the end
+    done = {u.name for u in plan.units if load_unit_result(stage, u) is not None}
     todo = [u for u in plan.units if u.name not in done]
     args = [f"--runner={runner}", *pipeline_args]
     if runner == "DirectRunner" and settings.workers > 1 and not any(
@@ -91,24 +101,25 @@ def run_beam(settings: BuildSettings, *, runner: str = "DirectRunner",
             _ = (pipeline
                  | "Units" >> beam.Create(todo)
                  | "Spread" >> beam.Reshuffle()  # one unit per worker, not fused onto one
-                 | "ConvertAndWrite" >> beam.ParDo(RunUnit(settings.output_dir,
-                                                           settings.convert_settings())))
+                 | "ConvertAndWrite" >> beam.ParDo(RunUnit(stage, settings.convert_settings())))
     t_convert = time.perf_counter() - t1
     results: list[dict] = []
     for unit in plan.units:
-        res = load_unit_result(settings.output_dir, unit)
+        res = load_unit_result(stage, unit)
         if res is None:
             raise RuntimeError(f"Beam run finished but shard {unit.name} has no result in "
-                               f"{settings.output_dir}; is --output visible to the workers?")
+                               f"{stage}; is --output's folder visible to the workers?")
         results.append(res)
     fresh = [r for u, r in zip(plan.units, results, strict=True) if u.name not in done]
     timings = run_timings(t_plan, t_convert, todo, fresh, len(done), settings.workers)
     timings["runner"] = runner
     t2 = time.perf_counter()
-    report = reporting.finish(settings.output_dir, plan, results, timings,
+    report = reporting.finish(stage, plan, results, timings,
                               dataclasses.asdict(settings) | {"runner": runner,
                                                               "pipeline_args": list(args)})
+    report["output_dir"] = os.path.realpath(settings.output_dir)  # where it is read, not staged
     report["timings"]["finish_s"] = time.perf_counter() - t2
     report["timings"]["total_s"] = time.perf_counter() - t0
-    reporting.write_json(f"{settings.output_dir}/{reporting.REPORT}", report)
+    reporting.write_json(f"{stage}/{reporting.REPORT}", report)
+    publish(settings, plan, stage)
     return report

@@ -1,8 +1,15 @@
 """Build a TFDS dataset folder from WFDB records: list -> split -> plan shards -> convert -> finish.
 
-Resumable: the output folder keeps ``.clef_prep_work/manifest.json`` (the settings and their
+Atomic: the build is written in the staging folder ``<output>.incomplete``; when everything
+else is written the completion marker ``.clef_prep_complete`` goes in last and the staging folder
+is renamed to ``<output>`` (``data_prep/completion.py``). A folder at ``<output>`` without the
+marker (half-built by an older data_prep, or damaged) is never read: it is resumed when its
+settings match, replaced with ``overwrite=True`` when they do not, refused otherwise.
+
+Resumable: the staging folder keeps ``.clef_prep_work/manifest.json`` (the settings and their
 fingerprint) and one result JSON per finished shard. A rerun with the same settings skips
-finished shards; with different settings it refuses unless ``overwrite=True``. Shards are
+finished shards; with different settings it refuses unless ``overwrite=True``. A rerun on a
+finished ``<output>`` with the same settings and every shard in place does nothing. Shards are
 written under a temporary name and renamed when complete, so an interrupted run never leaves a
 half shard under a final name.
 
@@ -24,6 +31,7 @@ import time
 from dataclasses import dataclass
 
 from data_prep import reporting
+from data_prep.completion import is_complete, remove_marker, staging_dir, write_marker
 from data_prep.convert import ConvertSettings
 from data_prep.metadata import MetadataTable
 from data_prep.signals import PreprocessConfig
@@ -121,6 +129,7 @@ class Plan:
     table: MetadataTable | None
     settings: dict
     fingerprint: str
+    output: OutputState = dataclasses.field(default_factory=lambda: OutputState())
 
 
 def plan_units(settings: BuildSettings, listing: SourceListing | None = None) -> Plan:
@@ -131,7 +140,7 @@ def plan_units(settings: BuildSettings, listing: SourceListing | None = None) ->
         raise BuildError(f"--metadata {settings.metadata_csv}: no such file")
     out_settings = output_settings(settings)
     fp = fingerprint(out_settings)
-    check_output(settings, out_settings, fp)  # fail fast, before listing a large input
+    output = check_output(settings, out_settings, fp)  # fail fast, before listing the input
     table = None
     if settings.metadata_csv is not None:
         table = MetadataTable.from_csv(settings.metadata_csv, region=settings.region,
@@ -159,49 +168,125 @@ def plan_units(settings: BuildSettings, listing: SourceListing | None = None) ->
                                                    r.extra] for r in chunk],
                 sort_keys=True, default=str).encode()).hexdigest()[:24]
             units.append(Unit(split, index, len(chunks), items, key))
-    return Plan(listing, not_selected, units, table, out_settings, fp)
+    return Plan(listing, not_selected, units, table, out_settings, fp, output)
 
 
 # ------------------------------------------------------------------------- output folder state
 
-def check_output(settings: BuildSettings, out_settings: dict, fp: str) -> bool:
-    """Whether the output folder must be cleaned first; BuildError if it may not be used.
+@dataclass(frozen=True)
+class OutputState:
+    """What a build finds at ``--output`` and its staging folder (decided before writing)."""
+
+    #: ``--output`` holds a finished build with these settings (a no-op if no shard is missing)
+    finished: bool = False
+    #: ``--output`` holds an unmarked build with these settings: move it back and finish it
+    adopt: bool = False
+    #: the staging folder holds a build with other settings; ``overwrite`` discards it
+    clean_staging: bool = False
+
+
+def _read_manifest(folder: str) -> dict | None:
+    path = os.path.join(folder, WORK_DIR, MANIFEST)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def check_output(settings: BuildSettings, out_settings: dict, fp: str) -> OutputState:
+    """Where this build stands with ``--output``; BuildError if the folders may not be used.
 
     Writes nothing, so it runs before the (possibly long) listing of the input.
     """
     out = settings.output_dir
-    manifest_path = os.path.join(out, WORK_DIR, MANIFEST)
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise BuildError(f"--output {out}: exists and is not a directory")
-    if os.path.isfile(manifest_path):
-        with open(manifest_path, encoding="utf-8") as fh:
-            old = json.load(fh)
+    stage = staging_dir(out)
+    for path in (out, stage):
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise BuildError(f"--output {out}: {path} exists and is not a directory")
+    old = _read_manifest(out)
+    if old is not None:
         if old.get("fingerprint") == fp:
-            return False
+            if os.path.isdir(stage):
+                raise BuildError(f"--output {out}: holds a build and so does {stage}; remove "
+                                 "the one you do not want and run again")
+            complete = is_complete(out)
+            return OutputState(finished=complete, adopt=not complete)
         if not settings.overwrite:
             changed = _diff(old.get("settings", {}), out_settings)
             raise BuildError(f"--output {out}: was built with different settings "
                              f"({changed}); pass --overwrite to rebuild it")
-        return True
-    if os.path.isdir(out) and os.listdir(out):
+        # --overwrite: the old folder stays readable until the new build replaces it.
+    elif os.path.isdir(out) and os.listdir(out):
         raise BuildError(f"--output {out}: directory is not empty and holds no data_prep build; "
                          "choose a new or empty folder")
-    return False
+    staged = _read_manifest(stage)
+    if staged is not None:
+        if staged.get("fingerprint") == fp:
+            return OutputState()  # resume the interrupted build
+        if not settings.overwrite:
+            changed = _diff(staged.get("settings", {}), out_settings)
+            raise BuildError(f"--output {out}: an unfinished build with different settings "
+                             f"({changed}) is in {stage}; rerun with its settings to finish "
+                             "it, or pass --overwrite to discard it")
+        return OutputState(clean_staging=True)
+    # A staging folder without a manifest is ours only if it holds nothing but the work folder
+    # (a run killed between creating it and writing the manifest).
+    if os.path.isdir(stage) and set(os.listdir(stage)) - {WORK_DIR}:
+        raise BuildError(f"--output {out}: {stage} exists and holds no data_prep build; "
+                         "remove it or choose another --output")
+    return OutputState()
 
 
-def prepare_output(settings: BuildSettings, plan: Plan) -> None:
-    """Create or check the output folder: resume, refuse, or (with overwrite) clean it."""
+def finished_report(settings: BuildSettings, plan: Plan) -> dict | None:
+    """The stored report when ``--output`` already holds exactly this build, else None."""
     out = settings.output_dir
-    work = os.path.join(out, WORK_DIR)
-    manifest_path = os.path.join(work, MANIFEST)
-    if check_output(settings, plan.settings, plan.fingerprint):
-        clean_output(out)
+    if not plan.output.finished or any(load_unit_result(out, u) is None for u in plan.units):
+        return None  # a shard gone or a changed input: finish it again in the staging folder
+    try:
+        with open(os.path.join(out, reporting.REPORT), encoding="utf-8") as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return None
+
+
+def prepare_output(settings: BuildSettings, plan: Plan) -> str:
+    """Create or resume the staging folder (refuse, or with overwrite clean); returns its path."""
+    out = settings.output_dir
+    stage = staging_dir(out)
+    state = check_output(settings, plan.settings, plan.fingerprint)
+    if state.finished or state.adopt:
+        remove_marker(out)  # first: an interrupted move leaves an unmarked folder, never a marked one
+        os.rename(out, stage)
+    elif state.clean_staging:
+        shutil.rmtree(stage)
+    work = os.path.join(stage, WORK_DIR)
     os.makedirs(os.path.join(work, "units"), exist_ok=True)
-    for name in os.listdir(out):  # leftovers of an interrupted run: never complete, never used
+    for name in os.listdir(stage):  # leftovers of an interrupted run: never complete, never used
         if ".tmp-" in name and (is_shard_name(name) or name.split(".tmp-")[0] in OUR_FILES):
-            os.remove(os.path.join(out, name))
-    reporting.write_json(manifest_path, {"fingerprint": plan.fingerprint,
-                                         "settings": plan.settings})
+            os.remove(os.path.join(stage, name))
+    reporting.write_json(os.path.join(work, MANIFEST), {"fingerprint": plan.fingerprint,
+                                                        "settings": plan.settings})
+    return stage
+
+
+def publish(settings: BuildSettings, plan: Plan, stage: str) -> None:
+    """Mark the staging folder complete (its last file) and rename it to ``--output``.
+
+    An older ``--output`` (replaced with ``overwrite``, or an empty folder) is moved aside
+    first, so the name never points at a mixture of the two.
+    """
+    out = os.path.normpath(settings.output_dir)
+    write_marker(stage, plan.fingerprint)
+    aside = f"{out}.replaced"
+    if os.path.isdir(out):
+        if os.listdir(out):
+            shutil.rmtree(aside, ignore_errors=True)
+            remove_marker(out)
+            os.rename(out, aside)
+        else:
+            os.rmdir(out)
+    os.rename(stage, out)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> str:
@@ -215,14 +300,6 @@ def _diff(old: dict, new: dict, prefix: str = "") -> str:
         elif a != b:
             parts.append(f"{prefix}{key}: {a!r} -> {b!r}")
     return "; ".join(parts)
-
-
-def clean_output(out: str) -> None:
-    """Remove only what a build writes (shards, metadata, reports, work folder)."""
-    for name in os.listdir(out):
-        if is_shard_name(name) or name in OUR_FILES:
-            os.remove(os.path.join(out, name))
-    shutil.rmtree(os.path.join(out, WORK_DIR), ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------- execution
@@ -317,21 +394,24 @@ def build(settings: BuildSettings, listing: SourceListing | None = None) -> dict
     t0 = time.perf_counter()
     plan = plan_units(settings, listing)
     t_plan = time.perf_counter() - t0
-    prepare_output(settings, plan)
-    done = {u.name: r for u in plan.units if (r := load_unit_result(settings.output_dir, u))}
+    if (report := finished_report(settings, plan)) is not None:
+        return report
+    stage = prepare_output(settings, plan)
+    done = {u.name: r for u in plan.units if (r := load_unit_result(stage, u))}
     todo = [u for u in plan.units if u.name not in done]
     if todo and (settings.workers <= 1 or len(todo) <= 1):
         warm_up(settings.convert_settings())  # in-process: the TF import is not conversion time
     t1 = time.perf_counter()
-    fresh = run_units(todo, settings.output_dir, settings.convert_settings(), settings.workers,
+    fresh = run_units(todo, stage, settings.convert_settings(), settings.workers,
                       settings.progress)
     t_convert = time.perf_counter() - t1
     timings = run_timings(t_plan, t_convert, todo, fresh, len(done), settings.workers)
     results = [done.get(u.name) or fresh.pop(0) for u in plan.units]
     t2 = time.perf_counter()
-    report = reporting.finish(settings.output_dir, plan, results, timings,
-                              dataclasses.asdict(settings))
+    report = reporting.finish(stage, plan, results, timings, dataclasses.asdict(settings))
+    report["output_dir"] = os.path.realpath(settings.output_dir)  # where it is read, not staged
     report["timings"]["finish_s"] = time.perf_counter() - t2
     report["timings"]["total_s"] = time.perf_counter() - t0
-    reporting.write_json(os.path.join(settings.output_dir, reporting.REPORT), report)
+    reporting.write_json(os.path.join(stage, reporting.REPORT), report)
+    publish(settings, plan, stage)
     return report

@@ -9,6 +9,9 @@ Layout of an output folder ``OUT`` (readable with ``tfds.builder_from_directory(
     OUT/prep_report.json, OUT/rejects.jsonl     counts/timings, and one line per rejected record
     OUT/metadata_problems.jsonl                 metadata cells set to NaN (record still written)
     OUT/.clef_prep_work/                        resume state: manifest + one JSON per finished shard
+    OUT/.clef_prep_complete                     completion marker, written last (data_prep/completion.py)
+
+A build is written in ``OUT.incomplete`` and renamed to ``OUT`` once its marker is written.
 
 The settings (``PreprocessConfig.to_dict()`` and its ``fingerprint()``, storage scale in µV per
 unit, lead order, SCORE2 region and imputation, split settings, package versions) are stored in
@@ -30,13 +33,13 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 
 from data_prep.clinical import METADATA_FIELDS
+from data_prep.completion import SETTINGS_FILE
 from data_prep.leads import STANDARD_LEADS
 from data_prep.sources import SUPERCLASSES
 
 DATASET_NAME = "clef_ecg"
 DATASET_VERSION = "1.0.0"
 FILE_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
-SETTINGS_FILE = "clef_prep.json"
 WINDOW = 5000
 
 

@@ -14,13 +14,12 @@ import time
 from dataclasses import dataclass
 
 from data_prep.clinical import METADATA_FIELDS
+from data_prep.completion import WORK_DIR
 from data_prep.convert import ConvertSettings, RecordResult, convert_record
 from data_prep.leads import STANDARD_LEADS
 from data_prep.metadata import MetadataRow
 from data_prep.sources import SourceRecord
 from data_prep.tfds_writer import ExampleSerializer, shard_path, write_json_atomic, write_shard
-
-WORK_DIR = ".clef_prep_work"
 
 
 @dataclass

@@ -35,19 +35,23 @@ def _save_state(trainer, state, directory, step):
         step,
         model_state=state["model"].to_pure_dict(),
         optimizer_state=state["optimizer"].to_pure_dict(),
-        meta={"model": {"name": "net1d", "size": "small", "in_channels": 1}},
+        meta={"model": {"name": "net1d", "size": "small", "in_channels": 1}, "method": "clef"},
     )
     checkpoint.wait(manager)
     manager.close()
 
 
-def _restore(trainer, directory):
+SMALL = {"name": "net1d", "size": "small", "in_channels": 1}
+
+
+def _restore(trainer, directory, *, model_target=None, expected=None):
     manager = checkpoint.make_manager(directory, max_to_keep=3)
     try:
         return checkpoint.restore_latest(
             manager,
-            model_target=trainer.abstract_target("model"),
+            model_target=model_target or trainer.abstract_target("model"),
             optimizer_target=trainer.abstract_target("optimizer"),
+            expected=expected,
         )
     finally:
         manager.close()
@@ -96,7 +100,9 @@ def saved_on_2x4(tmp_path_factory, eight_devices):
 def test_checkpoint_restores_onto_another_mesh(saved_on_2x4, eight_devices, restore_shape):
     directory, saved_model, saved_optimizer = saved_on_2x4
     loader = Trainer(_config(), _mesh(restore_shape, eight_devices), steps_per_epoch=5)
-    step, model_state, opt_state, meta = _restore(loader, directory)
+    restored = _restore(loader, directory, expected={"model": SMALL})
+    step, model_state, opt_state, meta = (restored.step, restored.model, restored.optimizer,
+                                          restored.meta)
     assert step == 7 and meta["step"] == 7 and meta["format"] == checkpoint.FORMAT
     for leaf in jax.tree.leaves((model_state, opt_state)):
         assert leaf.sharding.mesh.shape == loader.mesh.shape
@@ -104,17 +110,65 @@ def test_checkpoint_restores_onto_another_mesh(saved_on_2x4, eight_devices, rest
     np.testing.assert_equal(_host(nnx.State(opt_state).to_pure_dict()), saved_optimizer)
 
 
-def test_damaged_newest_step_is_skipped(tmp_path):
+@pytest.fixture(scope="module")
+def one_device():
+    """A one-device trainer and its fresh state, shared by the restore-decision tests."""
     trainer = Trainer(
         _config(), sharding.make_mesh((1, 1), devices=jax.devices()[:1]), steps_per_epoch=5
     )
-    state = trainer.init()
-    _save_state(trainer, state, tmp_path / "ckpt", step=1)
-    _save_state(trainer, state, tmp_path / "ckpt", step=2)
+    return trainer, trainer.init()
+
+
+def test_damaged_newest_step_is_skipped_and_moved_aside(one_device, tmp_path, caplog):
+    trainer, state = one_device
+    for step in (1, 2):
+        _save_state(trainer, state, tmp_path / "ckpt", step=step)
     # Damage step 2 the way a crash mid-copy would: its model item is gone.
     shutil.rmtree(tmp_path / "ckpt" / "2" / "model")
-    step, *_ = _restore(trainer, tmp_path / "ckpt")
-    assert step == 1
+    with caplog.at_level("WARNING"):
+        restored = _restore(trainer, tmp_path / "ckpt", expected={"model": SMALL})
+    assert restored.step == 1 and restored.skipped == [2]
+    assert "step 2" in caplog.text and "resuming from step 1" in caplog.text
+    # Kept for inspection, out of Orbax's way: saving step 2 again is accepted.
+    assert not (tmp_path / "ckpt" / "2").exists()
+    assert [p.name.startswith("damaged-2-") for p in (tmp_path / "ckpt").iterdir()].count(True) == 1
+    _save_state(trainer, state, tmp_path / "ckpt", step=2)
+    assert _restore(trainer, tmp_path / "ckpt").step == 2
+
+
+def test_checkpoint_of_another_model_is_an_error_and_nothing_changes(one_device, tmp_path):
+    trainer, state = one_device
+    _save_state(trainer, state, tmp_path / "ckpt", step=4)
+    before = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    medium = dict(SMALL, size="medium")
+    with pytest.raises(checkpoint.CheckpointMismatch,
+                       match=r"step 4 .* holds model net1d/small .*this run builds net1d/medium"):
+        _restore(trainer, tmp_path / "ckpt", expected={"model": medium})
+    with pytest.raises(checkpoint.CheckpointMismatch, match=r"holds method 'clef'.*'byol'"):
+        _restore(trainer, tmp_path / "ckpt", expected={"method": "byol"})
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == before
+
+
+def test_changed_state_tree_is_an_error_naming_the_difference(one_device, tmp_path):
+    trainer, state = one_device
+    _save_state(trainer, state, tmp_path / "ckpt", step=3)
+    target = trainer.abstract_target("model")
+    online = target["online"]["backbone"]
+    name = sorted(online)[0]
+    target["online"]["backbone"]["extra_layer"] = online[name]
+    with pytest.raises(checkpoint.CheckpointMismatch,
+                       match=r"model state does not match .*missing online/backbone/extra_layer"):
+        _restore(trainer, tmp_path / "ckpt", model_target=target)
+
+
+def test_refused_save_is_an_error(tmp_path):
+    manager = checkpoint.make_manager(tmp_path / "ckpt", max_to_keep=3, async_save=False)
+    tree = {"w": np.ones(3, np.float32)}
+    assert checkpoint.save(manager, 5, model_state=tree, optimizer_state=None, meta={})
+    # Orbax declines a step at or below its newest one; that must never pass silently.
+    with pytest.raises(checkpoint.CheckpointError, match=r"step 3 .* refused.*holds step 5"):
+        checkpoint.save(manager, 3, model_state=tree, optimizer_state=None, meta={})
+    manager.close()
 
 
 def test_pretrained_round_trip_and_strict_mismatch(tmp_path):

@@ -392,17 +392,20 @@ def test_all_ecgs_and_resume(mimic_tree, tmp_path, capsys):
     stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("clef_ecg-*")}
     before = shard_bytes(out)
 
-    assert build("mimic-iv-ecg", root, out, *args) == 0  # same settings: everything skipped
-    rep2 = check_counts(out)
-    assert rep2["timings"]["units_skipped"] == rep["timings"]["units_run"] > 1
-    assert rep2["timings"]["units_run"] == 0
+    assert rep["timings"]["units_run"] > 1
+    # same settings on a finished folder: nothing is run or rewritten, not even the report
+    assert build("mimic-iv-ecg", root, out, *args) == 0
+    assert check_counts(out) == rep
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("clef_ecg-*")} == stamps
 
-    # an interrupted run: one shard never finished -> only that one is redone, same bytes
+    # a shard's result lost (as after an interrupted run) -> only that one is redone, same bytes
     next(iter((out / ".clef_prep_work" / "units").glob("train-*.json"))).unlink()
     assert build("mimic-iv-ecg", root, out, *args) == 0
-    assert check_counts(out)["timings"]["units_run"] == 1
+    rep3 = check_counts(out)
+    assert rep3["timings"]["units_run"] == 1
+    assert rep3["timings"]["units_skipped"] == rep["timings"]["units_run"] - 1
     assert shard_bytes(out) == before
+    assert (out / ".clef_prep_complete").is_file() and not pathlib.Path(f"{out}.incomplete").exists()
 
     capsys.readouterr()
     assert build("mimic-iv-ecg", root, out, *args, "--window-policy", "all") == 2  # refused

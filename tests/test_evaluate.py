@@ -122,3 +122,46 @@ def test_wrong_architecture_checkpoint_file(random_net1d_dir, tmp_path, capsys):
     assert "msformer small was asked for" in _error(
         capsys, embed.main, ["--checkpoint", str(f), "--model", "msformer:small", "--data",
                              str(tmp_path), "--out", str(tmp_path / "e.npz")])
+
+
+def test_config_suite_with_classification_and_regression(ptbxl100_dataset, random_net1d_dir,
+                                                         tmp_path, eight_devices):
+    """`--config` runs every task of a suite: one folder each, a summary, regression as MAE."""
+    from clef_jax import evaluate
+
+    suite = tmp_path / "suite.py"
+    suite.write_text("def get_config(arg=''):\n"
+                     "    return {'tasks': ['sex', 'age'], 'protocol': 'linear_probe',\n"
+                     "            'lead': 'I', 'seed': 3, 'bootstrap': 1000,\n"
+                     "            'random_baseline': False}\n")
+    out = tmp_path / "out"
+    assert evaluate.main(["--config", str(suite), "--workdir", str(random_net1d_dir), "--data",
+                          str(ptbxl100_dataset), "--out", str(out), "--no-progress"]) == 0
+    sex = json.loads((out / "sex_linear_probe" / "report.json").read_text())
+    age = json.loads((out / "age_linear_probe" / "report.json").read_text())
+    assert sex["task"] == "sex" and sex["seed"] == 3 and 0 <= sex["metrics"]["macro_auroc"] <= 1
+    assert age["kind"] == "regression" and age["seed"] == 3
+    pred = np.load(out / "age_linear_probe" / "predictions.npz")
+    mae = np.abs(pred["y_score"] - pred["y_true"]).mean()
+    assert age["metrics"]["mae"] == pytest.approx(mae, rel=1e-9)
+    low, high = age["metrics"]["mae_ci"]
+    assert low <= age["metrics"]["mae"] <= high
+    summary = (out / "summary.md").read_text().splitlines()
+    assert len(summary) == 2 and "sex (linear_probe" in summary[0] and "MAE" in summary[1]
+
+
+@pytest.mark.slow  # compiles a fine-tuning train step
+def test_finetune_regression_age(ptbxl100_dataset, random_net1d_dir, tmp_path, eight_devices):
+    from clef_jax import evaluate
+
+    assert evaluate.main(["--workdir", str(random_net1d_dir), "--data", str(ptbxl100_dataset),
+                          "--task", "age", "--protocol", "finetune", "--max-epochs", "2",
+                          "--batch-size", "32", "--no-random-baseline", "--out", str(tmp_path),
+                          "--no-progress"]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    pred = np.load(tmp_path / "predictions.npz")
+    assert report["protocol"] == "finetune" and report["kind"] == "regression"
+    assert report["metrics"]["mae"] == pytest.approx(
+        np.abs(pred["y_score"] - pred["y_true"]).mean(), rel=1e-9)
+    history = report["models"][0]["fit"]["history"]
+    assert 1 <= len(history) <= 2 and all(np.isfinite(h["val_loss"]) for h in history)

@@ -13,6 +13,7 @@ Public API::
     make_train_dataset(...)                    # the same stream as a tf.data.Dataset
     steps_per_epoch(config, global_batch_size) -> int
     dataset_settings(config) -> dict
+    dataset_fingerprint(dataset_dir) -> str    # identifies the data (checked on resume)
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ _EXPORTS = {
     "make_train_dataset": "pipeline",
     "steps_per_epoch": "pipeline",
     "dataset_settings": "pipeline",
+    "dataset_fingerprint": "pipeline",
     "NoiseBank": "noise",
     "load_noise": "noise",
 }

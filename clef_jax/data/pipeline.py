@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -35,6 +36,7 @@ from clef_jax import paths
 from clef_jax.data import augment as aug_lib
 from clef_jax.data import noise as noise_lib
 from clef_jax.data.config import LEAD_NAMES, REQUIRED_FEATURES, InputConfig
+from clef_jax.data.prepare import check_complete
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +61,8 @@ def _builder_dir(dataset_dir: str) -> epath.Path:
         raise FileNotFoundError(
             f"config.data.dataset_dir: {root} does not exist or is not a directory"
         )
+    # Before looking for dataset_info.json: a half-built folder may have none, or a stale one.
+    check_complete(root)
     if (root / "dataset_info.json").is_file():
         return root
     found = sorted(p.parent for p in root.glob("*/dataset_info.json"))
@@ -73,6 +77,7 @@ def _builder_dir(dataset_dir: str) -> epath.Path:
             f"config.data.dataset_dir: {root} holds {what}; point it at one TFDS dataset folder "
             "written by `python -m data_prep build`"
         )
+    check_complete(found[0])
     return found[0]
 
 
@@ -385,3 +390,19 @@ def make_train_iterator(
         return_debug=return_debug,
     )
     return ds.as_numpy_iterator()
+
+
+def dataset_fingerprint(dataset_dir: str | os.PathLike) -> str:
+    """SHA-256 (16 hex) of a dataset's TFDS and data_prep metadata files.
+
+    Identifies the data a run trained on (checked on resume) or a report used; it does not
+    change when the folder is moved or copied.
+    """
+    import hashlib
+
+    path = _builder_dir(str(dataset_dir))
+    digest = hashlib.sha256()
+    for name in ("dataset_info.json", "clef_prep.json"):
+        if (path / name).is_file():
+            digest.update((path / name).read_bytes())
+    return digest.hexdigest()[:16]

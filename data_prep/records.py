@@ -136,6 +136,8 @@ def _parse_signal_line(line: str, index: int, hea: Path) -> _Signal:
         baseline = ints[1] if len(ints) > 1 else 0
     if not np.isfinite(gain):
         raise RecordError(hea, f"non-finite gain in {line!r}", "bad_header")
+    if spf is not None and int(spf) < 1:  # "16x0": no samples per frame (found by fuzzing)
+        raise RecordError(hea, f"samples per frame must be >= 1 in {line!r}", "bad_header")
     # WFDB signal files live beside their header; a path here could read outside the input.
     if "/" in parts[0] or "\\" in parts[0] or parts[0] in (".", ".."):
         raise RecordError(hea, f"signal file name {parts[0]!r} is not a plain file name",

@@ -7,64 +7,24 @@ damaging one thing each. Counts must add up: written + rejected = seen.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import shutil
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+# The damaged records are made by the fault-injection suite's generators (case 7 reuses them).
+from clef_jax.faults.corpus import (
+    basic_corrupt_tree,
+    copy_record,
+    mimic_escape_tree,
+    ptbxl_bad_label_tree,
+)
 from data_prep import cli
 from data_prep.leads import STANDARD_LEADS
 
 SAMPLE = pathlib.Path(__file__).resolve().parents[1] / "data_prep" / "sample_data"
 PTB = SAMPLE / "ptbxl" / "records500" / "00000"
-
-
-def copy_record(
-    src: pathlib.Path,
-    dst_dir: pathlib.Path,
-    new: str | None = None,
-    header_edit=None,
-    data_edit=None,
-) -> pathlib.Path:
-    """Copy a WFDB record (renamed consistently in its header), optionally damaging it."""
-    dst_dir.mkdir(parents=True, exist_ok=True)
-    old, new = src.name, new or src.name
-    lines = src.with_suffix(".hea").read_text().splitlines()
-    lines[0] = " ".join([new] + lines[0].split()[1:])
-    lines[1:] = [line.replace(f"{old}.", f"{new}.", 1) for line in lines[1:]]
-    if header_edit is not None:
-        lines = header_edit(lines)
-    (dst_dir / f"{new}.hea").write_text("\n".join(lines) + "\n")
-    for data in src.parent.glob(f"{old}.*"):
-        if data.suffix != ".hea":
-            raw = data.read_bytes()
-            (dst_dir / f"{new}{data.suffix}").write_bytes(data_edit(raw) if data_edit else raw)
-    return dst_dir / new
-
-
-def set_field(line_no: int, field: int, value: str):
-    def edit(lines):
-        parts = lines[line_no].split()
-        parts[field] = value
-        lines[line_no] = " ".join(parts)
-        return lines
-
-    return edit
-
-
-def invalid_leads(*leads: str):
-    """Mark every sample of the given leads invalid (format 16: -32768), i.e. NaN."""
-
-    def edit(raw: bytes) -> bytes:
-        x = np.frombuffer(raw, dtype="<i2").reshape(-1, 12).copy()
-        for lead in leads:
-            x[:, STANDARD_LEADS.index(lead)] = -32768
-        return x.tobytes()
-
-    return edit
 
 
 def build(*args: str) -> int:
@@ -90,41 +50,7 @@ def load(out: pathlib.Path) -> tuple[dict, dict[str, dict], dict[str, dict], lis
 
 @pytest.fixture(scope="module")
 def corrupt_tree(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corrupt")
-    copy_record(PTB / "00001_hr", root / "good")
-    copy_record(PTB / "00001_hr", root / "again")  # duplicate record ID in another folder
-    missing = copy_record(PTB / "00002_hr", root / "missing_dat")
-    os.remove(missing.with_suffix(".dat"))
-    copy_record(PTB / "00003_hr", root / "truncated", data_edit=lambda b: b[: len(b) // 2])
-    copy_record(PTB / "00004_hr", root / "long_header", header_edit=set_field(0, 3, "50000"))
-    copy_record(PTB / "00005_hr", root / "count", header_edit=set_field(0, 1, "13"))
-    copy_record(
-        PTB / "00006_hr",
-        root / "format",
-        header_edit=lambda ls: (
-            [ls[0]] + [" ".join([ln.split()[0], "999"] + ln.split()[2:]) for ln in ls[1:]]
-        ),
-    )
-    copy_record(PTB / "00007_hr", root / "gain", header_edit=set_field(3, 2, "0(0)/mV"))
-    copy_record(PTB / "00008_hr", root / "nan_lead", data_edit=invalid_leads("V3"))
-    copy_record(PTB / "00009_hr", root / "nan_all", data_edit=invalid_leads(*STANDARD_LEADS))
-    copy_record(PTB / "00010_hr", root / "fs0", header_edit=set_field(0, 2, "0"))
-    copy_record(PTB / "00011_hr", root / "fs_low", header_edit=set_field(0, 2, "5"))
-    copy_record(PTB / "00012_hr", root / "fs_high", header_edit=set_field(0, 2, "5000000"))
-    # Challenge 2015 v102s with its two ECG channels renamed as pressures: no ECG left
-    copy_record(
-        SAMPLE / "wfdb-sample" / "v102s",
-        root / "non_ecg",
-        header_edit=lambda ls: [
-            ls[0],
-            ls[1].replace("/mV", "/mmHg").replace(" II", " ABP"),
-            ls[2].replace("/mV", "/mmHg").replace(" V", " CVP"),
-            *ls[3:],
-        ],
-    )
-    (root / "binary").mkdir()
-    (root / "binary" / "junk.hea").write_bytes(b"\x00\x01\x02 not a header")
-    return root
+    return basic_corrupt_tree(tmp_path_factory.mktemp("corrupt"))
 
 
 EXPECTED_CODES = {
@@ -213,22 +139,7 @@ def test_metadata_csv_with_missing_and_non_numeric_fields(corrupt_tree, tmp_path
 
 
 def test_record_list_paths_that_escape_the_input(tmp_path):
-    outside = tmp_path / "outside"
-    copy_record(PTB / "00001_hr", outside, "40000009")  # a valid record: must not be read
-    root = tmp_path / "in"
-    copy_record(PTB / "00002_hr", root / "files/p1000/p10000001/s40000001", "40000001")
-    (root / "files" / "link").symlink_to(outside, target_is_directory=True)
-    rows = [
-        "subject_id,study_id,file_name,ecg_time,path",
-        "10000001,40000001,40000001,2180-01-01 00:00:00,files/p1000/p10000001/s40000001/40000001",
-        "10000002,40000002,40000002,2180-01-01 00:00:00,../outside/40000009",
-        f"10000003,40000003,40000003,2180-01-01 00:00:00,{outside}/40000009",
-        "10000004,40000004,40000004,2180-01-01 00:00:00,files/link/40000009",
-        "10000005,40000005,40000005,2180-01-01 00:00:00,files/p1000/p10000005/s40000005/40000005",
-        "10000001,40000001,40000001,2180-01-02 00:00:00,files/p1000/p10000001/s40000001/40000001",
-        "10000006,,x,2180-01-01 00:00:00,files/x",
-    ]
-    (root / "record_list.csv").write_text("\n".join(rows) + "\n")
+    root = mimic_escape_tree(tmp_path)
     out = tmp_path / "ds"
     assert (
         build("--source", "mimic-iv-ecg", "--input", str(root), "--output", str(out), "--all-ecgs")
@@ -250,15 +161,7 @@ def test_record_list_paths_that_escape_the_input(tmp_path):
 
 
 def test_ptbxl_csv_with_bad_label_cell(tmp_path):
-    root = tmp_path / "ptbxl"
-    (root / "records500" / "00000").mkdir(parents=True)
-    for name in ("00001_hr", "00002_hr"):
-        for f in PTB.glob(f"{name}.*"):
-            shutil.copy(f, root / "records500" / "00000" / f.name)
-    shutil.copy(SAMPLE / "ptbxl" / "scp_statements.csv", root)
-    lines = (SAMPLE / "ptbxl" / "ptbxl_database.csv").read_text().splitlines()[:3]
-    lines[2] = lines[2].replace("{'NORM': 80.0, 'SBRAD': 0.0}", "__import__('os')")
-    (root / "ptbxl_database.csv").write_text("\n".join(lines) + "\n")
+    root = ptbxl_bad_label_tree(tmp_path)
     out = tmp_path / "ds"
     assert (
         build("--source", "ptb-xl", "--input", str(root), "--output", str(out), "--all-ecgs") == 0

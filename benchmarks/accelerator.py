@@ -42,7 +42,6 @@ import argparse
 import contextlib
 import gc
 import importlib.util
-import json
 import pathlib
 import sys
 import time
@@ -430,10 +429,7 @@ def main() -> None:
               "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
     result["markdown"] = _markdown(result)
     print(result["markdown"])
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out} ({result['wall_s']} s)")
+    print(f"wrote {harness.write_json(result, args.out)} ({result['wall_s']} s)")
 
 
 if __name__ == "__main__":

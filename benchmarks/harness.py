@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import queue
 import statistics
 import subprocess
@@ -298,3 +299,11 @@ def torch_step_fn(size: str, batch: int, length: int, device: str = "cpu",
             loss.item()  # CPU ops are synchronous; this only mirrors the GPU path's wait
 
     return step
+
+
+def write_json(result: dict[str, Any], out: str | os.PathLike) -> pathlib.Path:
+    """Write a benchmark's result JSON (folders created); returns the path."""
+    path = pathlib.Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path

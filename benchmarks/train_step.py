@@ -322,10 +322,7 @@ def main() -> None:
     print(result["markdown"])
     if before["busy"]:
         print(harness.busy_warning(before), file=sys.stderr)
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {harness.write_json(result, args.out)}")
 
 
 if __name__ == "__main__":

@@ -236,7 +236,7 @@ def run(plan: list[tuple], impls: list[str], repeats: int, budget_s: float,
                      **dataclasses.asdict(layer)}
         sources = list(impls)
         for impl in sources:
-            if layer.groups == 1 and impl == "xla" and "cpu" in row:
+            if layer.kind == "stem" and impl == "xla" and "cpu" in row:
                 row[impl] = row["cpu"]  # the "cpu" path runs the "xla" code here
                 continue
             row[impl] = time_jax(layer, impl, repeats, budget_s)
@@ -321,7 +321,8 @@ def main(argv: list[str] | None = None) -> None:
         "budget_s": args.budget, "length": args.length, "quick": args.quick,
         "torch_threads": torch_result["threads"] if torch_result else None,
         "note": "wall ms (median and min) after one warm-up; fwd/dx/dw jitted separately; "
-                "for ungrouped layers xla repeats the cpu numbers (same code path); "
+                "for the stem xla repeats the cpu numbers (same code path; pointwise layers are "
+                "a matmul on the cpu path); "
                 "PyTorch timed in a separate process",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(
         name="net1d", size="small", in_channels=1,
         compute_dtype="float32",  # bfloat16 on TPU/GPU; params stay float32
-        remat="none",  # msformer only: none | block | dots (recompute activations in backward)
+        remat="none",  # none | block | dots (msformer only): recompute activations in backward
     ))
     # The projection head (Linear-GELU-Linear) between backbone and loss, for every method.
     c.projection = ml_collections.ConfigDict(dict(
@@ -127,8 +127,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
             f"{c.model.compute_dtype!r} is not one of float32, bfloat16, float16")
     require(c.model.remat in ("none", "block", "dots"), "model.remat",
             f"{c.model.remat!r} is not one of none, block, dots")
-    require(c.model.remat == "none" or c.model.name == "msformer", "model.remat",
-            f"{c.model.name} has no remat option; use 'none'")
+    require(c.model.remat != "dots" or c.model.name == "msformer", "model.remat",
+            f"{c.model.name} supports remat none or block, not 'dots'")
     from clef_jax.sharding import rule_problems
 
     for key, message in rule_problems(c.sharding.param_rules, c.sharding.logical_rules):

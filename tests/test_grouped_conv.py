@@ -127,6 +127,7 @@ def test_explicit_asymmetric_padding(width, groups):
 @pytest.mark.parametrize("cin, width, groups, convs", [
     (16, 16, 4, False),  # narrow groups: Toeplitz matmuls, no convolution at all
     (WIDE_GROUP * 2, 16, 2, True),  # wide groups: convolutions
+    (16, 1, 1, False),  # dense width-1 (pointwise): one matmul, weight gradient x^T @ dy
 ])
 def test_cpu_path_by_layer_type(cin, width, groups, convs):
     x, w, _ = inputs((2, 40, cin, cin, width, 1, groups))

@@ -105,6 +105,29 @@ def test_bfloat16_block_is_close_to_float32(golden_model):
     assert out.dtype == jnp.float32 and out.shape == (2, 256)
 
 
+def test_block_remat_gives_the_same_loss_and_gradient(golden_model):
+    """remat="block" recomputes each block in the backward pass: same numbers, less memory."""
+    x = jax.random.normal(jax.random.key(2), (2, 400, 1))
+
+    def loss(model):
+        return jnp.sum(model(x) ** 2)
+
+    plain_loss, plain_grad = nnx.jit(nnx.value_and_grad(loss))(golden_model)
+    remat = nnx.merge(*nnx.split(golden_model))
+    remat.remat = "block"
+    remat_loss, remat_grad = nnx.jit(nnx.value_and_grad(loss))(remat)
+    def jaxpr(model):
+        graphdef, state = nnx.split(model)
+        return str(jax.make_jaxpr(lambda st, v: nnx.merge(graphdef, st)(v))(state, x))
+
+    assert "remat" in jaxpr(remat) and "remat" not in jaxpr(golden_model)  # really recomputed
+    np.testing.assert_allclose(remat_loss, plain_loss, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(remat_grad), jax.tree.leaves(plain_grad), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="net1d remat must be one of"):
+        create_net1d("small", rngs=nnx.Rngs(0), remat="dots")
+
+
 @pytest.mark.slow
 def test_bfloat16_compute_keeps_fp32_params(golden, golden_model):
     _, x, want = golden
@@ -341,6 +364,23 @@ def test_same_conv_matches_numpy(length, kernel, stride, groups):
     w = np.asarray(conv.kernel[...]).transpose(2, 1, 0)
     want = numpy_same_conv(x[0], w, np.asarray(conv.bias[...]), stride, groups)
     np.testing.assert_allclose(np.asarray(conv(jnp.asarray(x)))[0], want, atol=1e-5)
+
+
+def test_shortcut_max_pool_gradient_matches_reduce_max():
+    """The fold of maxima has reduce_max's values and gradient, ties split evenly (k=2)."""
+    x = np.random.default_rng(3).standard_normal((2, 9, 3)).astype(np.float32)
+    x[0, 2, 0] = x[0, 3, 0]  # a tie inside one window
+    x[1, 8, 1] = 0.0  # a tie with the zero pad of the odd length
+
+    def reference(x):
+        x = jnp.pad(x, ((0, 0), (0, 1), (0, 0)))[:, :10]
+        return x.reshape(2, 5, 2, 3).max(axis=2)
+
+    dy = jnp.asarray(np.random.default_rng(4).standard_normal((2, 5, 3)), jnp.float32)
+    got = jax.vjp(lambda x: shortcut_max_pool(x, 2), jnp.asarray(x))
+    want = jax.vjp(reference, jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+    np.testing.assert_array_equal(np.asarray(got[1](dy)[0]), np.asarray(want[1](dy)[0]))
 
 
 def test_same_padding_is_asymmetric_left_floor():

@@ -26,16 +26,14 @@ def create_backbone(name: str, size: str, in_channels: int = 1, *, rngs: nnx.Rng
                     dtype: Any = jnp.float32, remat: str = "none") -> nnx.Module:
     """A freshly initialised backbone mapping (batch, length, channels) to embeddings.
 
-    `dtype` is the compute dtype; parameters are always float32. `remat` (recompute
-    activations in the backward pass: "none", "block", "dots") exists for msformer only.
+    `dtype` is the compute dtype; parameters are always float32. `remat` recomputes
+    activations in the backward pass: "none" or "block" (both backbones), "dots" (msformer).
     """
     _check_name(name)
     if name == "net1d":
         from clef_jax.models.net1d import create_net1d
 
-        if remat != "none":
-            raise ValueError(f"net1d has no remat option, got remat={remat!r}; use 'none'")
-        return create_net1d(size, in_channels, rngs=rngs, dtype=dtype)
+        return create_net1d(size, in_channels, rngs=rngs, dtype=dtype, remat=remat)
     from clef_jax.models.msformer import create_msformer
 
     return create_msformer(size, in_channels, rngs=rngs, dtype=dtype, remat=remat)

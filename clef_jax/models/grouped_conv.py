@@ -23,9 +23,11 @@ Two implementations compute the same function:
     because Eigen runs wider groups faster than the extra multiply-adds cost;
   - narrower groups (Net1D small, 4 channels): a Toeplitz-matrix formulation, batched
     matmuls over groups differentiated by JAX (``_conv_toeplitz``);
-  - ungrouped convolutions (the stem and the width-1 pointwise layers): XLA's own, whose
-    dense weight gradient is fine and whose width-1 convolutions already run as matmuls
-    (an einsum was measured no faster).
+  - width-1, stride-1, unpadded ungrouped convolutions (Net1D's pointwise layers): one
+    (B*L, C) @ (C, O) matmul (``_pointwise``). XLA:CPU's own weight gradient of a width-1
+    convolution transposes the activations and the cotangent into (C, L, B) copies first,
+    which in a Net1D small train step cost more than the pointwise matmuls themselves;
+  - other ungrouped convolutions (the stem): XLA's own, whose dense weight gradient is fine.
 * ``"auto"`` (default): ``"cpu"`` when the computation is compiled for CPU, ``"xla"``
   otherwise. The choice is made with ``lax.platform_dependent`` when the computation is
   lowered, so it follows the device a jitted function actually runs on, not the default
@@ -196,8 +198,11 @@ def _conv_cpu_args(x: jax.Array, kernel: jax.Array, *, args: tuple) -> jax.Array
 
 def _conv_cpu(x: jax.Array, kernel: jax.Array, stride: int, padding: tuple[int, int],
               groups: int) -> jax.Array:
-    _, in_per_group, out = kernel.shape
-    if groups == 1:  # a dense conv's weight gradient is no batch-grouped conv: XLA is fine
+    width, in_per_group, out = kernel.shape
+    if groups == 1:
+        if width == 1 and stride == 1 and padding == (0, 0):
+            return _pointwise(x, kernel)
+        # a dense conv's weight gradient is no batch-grouped conv: XLA is fine
         return _conv_xla(x, kernel, stride, padding, groups)
     if max(in_per_group, out // groups) < WIDE_GROUP:
         return _conv_toeplitz(x, kernel, stride, padding, groups)
@@ -205,6 +210,20 @@ def _conv_cpu(x: jax.Array, kernel: jax.Array, stride: int, padding: tuple[int, 
     if stride == 1 and kernel.shape[0] > 1:
         return _conv_packed(x, kernel, padding, groups, PACK)
     return _conv_custom(x, kernel, stride, padding, groups)
+
+
+def _pointwise(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """A width-1, stride-1, unpadded dense convolution as one (B*L, C) @ (C, O) matmul.
+
+    Why: XLA:CPU lowers the weight gradient of a width-1 convolution as a convolution whose
+    window is the whole length, after transposing both the activations and the cotangent
+    into (C, L, B) order: full copies of the largest tensors of the step. As a matmul the
+    weight gradient is x^T @ dy on the same buffers, with no transposed copies.
+    """
+    b, length, c = x.shape
+    y = lax.dot_general(x.reshape(b * length, c), kernel[0], (((1,), (0,)), ((), ())),
+                        preferred_element_type=jnp.float32)
+    return y.reshape(b, length, kernel.shape[2]).astype(x.dtype)
 
 
 def _conv_packed(x: jax.Array, kernel: jax.Array, padding: tuple[int, int], groups: int,

@@ -50,7 +50,15 @@ def shortcut_max_pool(x: jax.Array, kernel_size: int) -> jax.Array:
     x = jnp.pad(x, ((0, 0), (left, right), (0, 0)))
     n_out = (x.shape[1] - kernel_size) // kernel_size + 1  # floor, like ceil_mode=False
     x = x[:, : n_out * kernel_size]
-    return x.reshape(x.shape[0], n_out, kernel_size, x.shape[2]).max(axis=2)
+    x = x.reshape(x.shape[0], n_out, kernel_size, x.shape[2])
+    # A fold of elementwise maxima, not a reduce_max: the same values, but on CPU the
+    # reduce's gradient (an equality mask, its count and a divide over the whole window
+    # tensor) cost several passes over the stage's largest activations; lax.max's
+    # gradient is one select per element (ties split as evenly as reduce_max's for k=2).
+    out = x[:, :, 0]
+    for i in range(1, kernel_size):
+        out = jnp.maximum(out, x[:, :, i])
+    return out
 
 
 def _abstract_f32(*shape: int) -> jax.ShapeDtypeStruct:
@@ -202,6 +210,10 @@ class Net1DStage(nnx.Module):
         return x
 
 
+# Rematerialisation policies of Net1D (msformer has more: clef_jax/models/msformer.py).
+NET1D_REMAT = ("none", "block")
+
+
 class Net1D(nnx.Module):
     """Net1D backbone: (batch, length, in_channels) -> (batch, embedding_dim) float32.
 
@@ -210,10 +222,13 @@ class Net1D(nnx.Module):
     """
 
     def __init__(self, config: Net1DConfig, in_channels: int = 1, *,
-                 dtype: Any = jnp.float32, rngs: nnx.Rngs):
+                 dtype: Any = jnp.float32, remat: str = "none", rngs: nnx.Rngs):
         if not isinstance(in_channels, int) or in_channels < 1:
             raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
+        if remat not in NET1D_REMAT:
+            raise ValueError(f"net1d remat must be one of {NET1D_REMAT}, got {remat!r}")
         self.config, self.in_channels, self.dtype = config, in_channels, dtype
+        self.remat = remat
         self.first_conv = SameConv(in_channels, config.base_filters, config.kernel_size,
                                    config.stride)
         self.first_bn = UnusedBatchNorm(config.base_filters)
@@ -249,14 +264,21 @@ class Net1D(nnx.Module):
                              f"shape {tuple(x.shape)} with {x.shape[-1]} channels{hint}")
         out = swish(self.first_conv(x.astype(self.dtype)))
         for stage in self.stages:
-            out = stage(out)
+            for block in stage.blocks:
+                # "block": keep each block's input only and recompute its inside in the
+                # backward pass (activation memory of one block instead of all of them).
+                out = block(out) if self.remat == "none" else _remat_block(block, out)
         return jnp.mean(out.astype(jnp.float32), axis=1)
 
 
+def _remat_block(block: Net1DBlock, x: jax.Array) -> jax.Array:
+    return nnx.remat(lambda b, h: b(h))(block, x)
+
+
 def create_net1d(size: str, in_channels: int = 1, *, rngs: nnx.Rngs,
-                 dtype: Any = jnp.float32) -> Net1D:
+                 dtype: Any = jnp.float32, remat: str = "none") -> Net1D:
     """A freshly initialised Net1D of a released size (PyTorch default init)."""
-    return Net1D(net1d_config(size), in_channels, dtype=dtype, rngs=rngs)
+    return Net1D(net1d_config(size), in_channels, dtype=dtype, remat=remat, rngs=rngs)
 
 
 def count_parameters(size: str, in_channels: int = 1, *, trainable_only: bool = False) -> int:

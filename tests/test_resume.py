@@ -78,6 +78,7 @@ def test_injected_nan_stops_at_its_step_and_nothing_after_is_saved(ptbxl_dataset
     assert steps == ["1", "2"]
 
 
+@pytest.mark.slow  # the injected-NaN test covers the same check in the default suite
 def test_nan_learning_rate_is_caught_before_the_poisoned_state_is_saved(ptbxl_dataset, tmp_path):
     config = _config(ptbxl_dataset, num_steps=4, every_steps=1)
     config.optim.learning_rate = float("nan")  # the loss of step 1 is finite, its update is not

@@ -140,6 +140,7 @@ def test_msformer_step_on_a_data_fsdp_model_mesh_matches_one_device(eight_device
     assert any("model" in s for s in specs) and any("fsdp" in s for s in specs)
 
 
+@pytest.mark.slow  # a bf16 train step compile; bf16 numerics are also checked per block by default
 def test_bfloat16_compute_tracks_float32_with_float32_state():
     """bf16 compute (config.model.compute_dtype): parameters, optimiser state and loss stay
     float32, and three steps follow the float32 run closely."""

@@ -147,6 +147,7 @@ def test_loop_reads_nothing_from_the_device_between_logs(ptbxl_dataset, tmp_path
     assert reads.outside > 0  # the instrument works: logging and saving did read
 
 
+@pytest.mark.slow  # ~30 s of probes; the demo CLI test (slow) and the probe's unit tests too
 def test_linear_probe_during_pretraining_and_best_checkpoint(ptbxl100_dataset, tmp_path):
     config = _config(ptbxl100_dataset, num_steps=4, every_steps=4)
     config.evals.linear_probe.every_steps = 2

@@ -24,6 +24,7 @@ def _case(name: str) -> faults.Case:
     return next(c for c in faults.CASES if c.name == name)
 
 
+@pytest.mark.slow  # CI also runs it through python -m clef_jax.faults
 def test_data_prep_survives_broken_records_and_fuzzed_headers(suite: Suite) -> None:
     r = faults.run_case(_case("data_prep"), suite)
     # Every broken record is rejected with its own reason (a "16x0" header once crashed).
@@ -34,6 +35,7 @@ def test_data_prep_survives_broken_records_and_fuzzed_headers(suite: Suite) -> N
         assert "counts do not add up" not in line and "raised" not in line, line
 
 
+@pytest.mark.slow  # CI also runs it through python -m clef_jax.faults
 def test_import_torch_refuses_hostile_files(suite: Suite) -> None:
     r = faults.run_case(_case("import_torch"), suite)
     assert r.passed, (r.observed, r.details)

@@ -105,6 +105,7 @@ def test_bfloat16_block_is_close_to_float32(golden_model):
     assert out.dtype == jnp.float32 and out.shape == (2, 256)
 
 
+@pytest.mark.slow  # two compiles of a Net1D gradient; msformer's remat test runs by default
 def test_block_remat_gives_the_same_loss_and_gradient(golden_model):
     """remat="block" recomputes each block in the backward pass: same numbers, less memory."""
     x = jax.random.normal(jax.random.key(2), (2, 400, 1))

@@ -3,10 +3,12 @@
 The library entry point is `pretrain(config, workdir)`; `main` is a thin CLI over it.
 
 Overrides: `--config=configs/clef.py:medium --config.train.global_batch_size=512`.
-The run resumes from the newest complete checkpoint in `W/checkpoints` if there is one,
-saves every `checkpoint.every_steps`, at the end, and on SIGTERM (then exits cleanly).
-Metrics go to the console, `W/metrics.jsonl` and TensorBoard (`W/tensorboard`); the resolved
-config to `W/config.json`.
+The run resumes from the newest complete checkpoint in `W/checkpoints` if there is one (a
+checkpoint of another model, method or data stream is an error: clef_jax/resume.py), saves
+every `checkpoint.every_steps`, at the end, and on SIGTERM (then exits cleanly). Metrics go to
+the console, `W/metrics.jsonl` and TensorBoard (`W/tensorboard`), with the periodic linear
+probe when `config.evals.linear_probe.every_steps` is set; the resolved config to
+`W/config.json`.
 """
 
 from __future__ import annotations

@@ -195,8 +195,7 @@ def restore_latest(manager: ocp.CheckpointManager, *, model_target: Any,
                       [("model", saved_model, model_target),
                        ("optimizer", saved_optimizer, optimizer_target)])
         try:
-            items = {"model": ocp.args.StandardRestore(model_target),
-                     "meta": ocp.args.JsonRestore()}
+            items = {"model": ocp.args.StandardRestore(model_target)}  # meta: read above
             if optimizer_target is not None:
                 items["optimizer"] = ocp.args.StandardRestore(optimizer_target)
             restored = manager.restore(step, args=ocp.args.Composite(**items))
@@ -214,7 +213,7 @@ def restore_latest(manager: ocp.CheckpointManager, *, model_target: Any,
             log.warning("resuming from step %d instead of damaged step(s) %s", step,
                         ", ".join(map(str, skipped)))
         optimizer = restored["optimizer"] if optimizer_target is not None else None
-        return Restored(step, restored["model"], optimizer, dict(restored["meta"]), skipped)
+        return Restored(step, restored["model"], optimizer, meta, skipped)
     if skipped:
         _move_aside(manager, skipped)
     return None

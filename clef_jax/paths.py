@@ -22,6 +22,11 @@ from etils import epath
 ORBAX_SCHEMES = ("", "gs")
 
 
+def cache_root() -> Path:
+    """clef_jax's cache folder: $CLEF_JAX_CACHE, else ~/.cache/clef_jax (demo data, XLA cache)."""
+    return Path(os.environ.get("CLEF_JAX_CACHE") or Path.home() / ".cache" / "clef_jax")
+
+
 def scheme(path: str | os.PathLike) -> str:
     """The URI scheme of `path` ("gs" for gs://b/x), "" for a local path."""
     text = os.fspath(path)

@@ -14,7 +14,6 @@ import dataclasses
 import logging
 from typing import Any
 
-import jax
 import ml_collections
 from flax import nnx
 
@@ -91,8 +90,6 @@ def restore_or_init(config: ml_collections.ConfigDict, trainer: Trainer, manager
         history.append({"step": restored.step, "changes": changes})
     state = checkpoint.restructure(trainer.abstract_state,
                                    {"model": restored.model, "optimizer": restored.optimizer})
+    # Damaged steps skipped on the way were already named by restore_latest's warnings.
     log.info("resumed from %s at step %d", manager.directory, restored.step)
-    if jax.process_index() == 0 and restored.skipped:
-        log.warning("resumed from step %d; damaged step(s) %s were moved aside", restored.step,
-                    restored.skipped)
     return Start(restored.step, state, True, history)

@@ -34,6 +34,12 @@ def _accumulate(totals: dict[str, jax.Array], metrics: Mapping[str, jax.Array],
             "first_bad_step": jnp.where((first_bad == _NONE) & bad, step, first_bad)}
 
 
+def _fresh_totals(keys, first_bad_step: int) -> dict[str, jax.Array]:
+    """Zero sums for `keys`, a zero count, and the first bad step recorded so far."""
+    return {**{k: jnp.zeros((), jnp.float32) for k in keys}, "count": jnp.zeros((), jnp.int32),
+            "first_bad_step": jnp.full((), first_bad_step, jnp.int32)}
+
+
 class StepMetrics:
     """Sums of the step's scalar metrics since the last `drain`, kept on the device."""
 
@@ -44,9 +50,7 @@ class StepMetrics:
     def add(self, metrics: Mapping[str, jax.Array], step: int) -> None:
         """Fold in the metrics of `step` (1-based, the step just taken); dispatch only."""
         if self._totals is None:
-            zeros = {k: jnp.zeros((), jnp.float32) for k in metrics}
-            self._totals = {**zeros, "count": jnp.zeros((), jnp.int32),
-                            "first_bad_step": jnp.full((), _NONE, jnp.int32)}
+            self._totals = _fresh_totals(metrics, _NONE)
         self._totals = _accumulate(self._totals, dict(metrics), np.int32(step))
 
     def first_bad_step(self) -> int | None:
@@ -71,7 +75,5 @@ class StepMetrics:
         means = {k: float(v) / count for k, v in host.items()
                  if k not in ("count", "first_bad_step")}
         # Keep the bad-step record across intervals; zero the sums on the device.
-        self._totals = {**{k: jnp.zeros((), jnp.float32) for k in means},
-                        "count": jnp.zeros((), jnp.int32),
-                        "first_bad_step": jnp.asarray(step, jnp.int32)}
+        self._totals = _fresh_totals(means, step)
         return means

@@ -256,8 +256,7 @@ def _enable_compilation_cache(setting: str) -> None:
             or jax.config.jax_compilation_cache_dir:
         return
     if setting == "auto":
-        root = os.environ.get("CLEF_JAX_CACHE") or os.path.join("~", ".cache", "clef_jax")
-        setting = os.path.join(root, "xla")
+        setting = str(paths.cache_root() / "xla")
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(setting))
 
 

@@ -15,14 +15,14 @@ PTB-XL has no blood pressure, cholesterol or smoking data, so the demo's SCORE2 
 exercises the clinically-guided loss, it is not a measured risk.
 """
 
-import os
 from pathlib import Path
 
 import data_prep
+from clef_jax import paths
 from clef_jax.config_defaults import default_config
 
 SAMPLE_DATA = Path(data_prep.__file__).parent / "sample_data"
-CACHE = Path(os.environ.get("CLEF_JAX_CACHE", Path.home() / ".cache" / "clef_jax"))
+CACHE = paths.cache_root()
 
 
 def get_config(arg: str = ""):

@@ -198,12 +198,17 @@ def synthetic_batch(batch: int, length: int, seed: int = 0) -> dict[str, np.ndar
 
 
 def jax_trainer(name: str, size: str, batch: int, dtype: str) -> tuple[Any, Any]:
-    """(Trainer, mesh) for a synthetic-data config over all local devices."""
-    from clef_jax import sharding
+    """(Trainer, mesh) for a synthetic-data config over all local devices.
+
+    Host memory is set up as `clef_jax.train` sets it (config default train.host_malloc),
+    before the backend starts: the step is timed as training runs it.
+    """
+    from clef_jax import host_memory, sharding
     from clef_jax.config_defaults import default_config
     from clef_jax.trainer import Trainer
 
     c = default_config()
+    host_memory.configure(c.train.host_malloc)
     c.model.name, c.model.size, c.model.compute_dtype = name, size, dtype
     c.data.dataset_dir = "synthetic"
     c.train.global_batch_size = batch

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from clef_jax import host_memory
 from clef_jax.data.config import LEAD_NAMES, default_data_config
 
 
@@ -59,6 +60,10 @@ def default_config() -> ml_collections.ConfigDict:
         # jax.transfer_guard level for the steps between logs: "log" names any device->host
         # read that would make the host wait for the device; "disallow" makes it an error.
         host_transfer_guard="log",
+        # glibc malloc for XLA:CPU runs (clef_jax/host_memory.py): "keep" reuses freed blocks
+        # instead of re-mapping a step's temporary buffer every step; "auto" does so on the
+        # CPU backend only; "system" leaves glibc's defaults.
+        host_malloc="auto",
     ))
     c.resume = ml_collections.ConfigDict(dict(
         # Resuming with another batch size, data seed, process count or dataset changes the
@@ -142,6 +147,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     require(c.train.host_transfer_guard in ("allow", "log", "disallow"),
             "train.host_transfer_guard",
             f"{c.train.host_transfer_guard!r} is not one of allow, log, disallow")
+    require(c.train.host_malloc in host_memory.MODES, "train.host_malloc",
+            f"{c.train.host_malloc!r} is not one of {', '.join(host_memory.MODES)}")
     require(c.train.preemption_check_s > 0, "train.preemption_check_s", "must be positive")
     probe = c.evals.linear_probe
     require(probe.every_steps >= 0, "evals.linear_probe.every_steps", "must be >= 0 (0 = off)")

@@ -29,7 +29,16 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from clef_jax import checkpoint, distributed, paths, periodic_eval, resume, run_report, sharding
+from clef_jax import (
+    checkpoint,
+    distributed,
+    host_memory,
+    paths,
+    periodic_eval,
+    resume,
+    run_report,
+    sharding,
+)
 from clef_jax.config_defaults import validate
 from clef_jax.data import prepare as data_prepare
 from clef_jax.metric_writer import MetricWriter
@@ -79,6 +88,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> R
 
     started = time.perf_counter()
     validate(config)
+    # Before JAX starts its threads (the arena limit binds only threads created afterwards).
+    host_memory.configure(config.train.host_malloc)
     distributed.initialize(config.distributed)
     # Before anything else can diverge: versions, code and config must agree on every host.
     distributed.check_consistency(config)

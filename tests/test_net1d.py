@@ -19,11 +19,13 @@ from clef_jax.models.net1d import (
     InertParam,
     Net1D,
     SameConv,
+    bias_swish,
     count_parameters,
     create_net1d,
     net1d_config,
     same_padding,
     shortcut_max_pool,
+    swish,
 )
 from clef_jax.models.net1d_state_dict import from_torch_state_dict, to_torch_state_dict
 
@@ -382,6 +384,45 @@ def test_shortcut_max_pool_gradient_matches_reduce_max():
     want = jax.vjp(reference, jnp.asarray(x))
     np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
     np.testing.assert_array_equal(np.asarray(got[1](dy)[0]), np.asarray(want[1](dy)[0]))
+
+
+@pytest.mark.parametrize("dtype,rtol", [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])
+def test_swish_gradients_match_autodiff_of_the_formula(dtype, rtol):
+    """The hand-written backward passes (which recompute the sigmoid) equal autodiff's."""
+    rng = np.random.default_rng(5)
+    y = jnp.asarray(rng.standard_normal((3, 7, 4)) * 4, dtype)  # deep into both tails
+    bias = jnp.asarray(rng.standard_normal(4), dtype)
+    g = jnp.asarray(rng.standard_normal((3, 7, 4)), dtype)
+
+    def plain(v):
+        return v * jax.nn.sigmoid(v)
+
+    for got, want in [(jax.vjp(swish, y), jax.vjp(plain, y)),
+                      (jax.vjp(bias_swish, y, bias), jax.vjp(lambda a, b: plain(a + b), y, bias))]:
+        np.testing.assert_allclose(np.asarray(got[0], np.float32),
+                                   np.asarray(want[0], np.float32), rtol=rtol)
+        for a, b in zip(got[1](g), want[1](g), strict=True):
+            assert a.dtype == b.dtype == dtype
+            np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                       rtol=rtol, atol=rtol)
+
+
+def test_net1d_gradient_equals_autodiff_of_plain_swish(golden_model, monkeypatch):
+    """The whole backbone's gradient with the custom Swish backward vs with plain autodiff."""
+    x = jax.random.normal(jax.random.key(3), (2, 300, 1))
+
+    def loss(model):
+        return jnp.sum(model(x) ** 2)
+
+    custom = nnx.jit(nnx.grad(loss))(golden_model)
+    from clef_jax.models import net1d
+
+    monkeypatch.setattr(net1d, "swish", lambda v: v * jax.nn.sigmoid(v))
+    monkeypatch.setattr(net1d, "bias_swish", lambda v, b: (v + b) * jax.nn.sigmoid(v + b))
+    plain = nnx.jit(nnx.grad(loss))(golden_model)
+    # float32 rounding of another but equal formula, carried through 12 blocks
+    for a, b in zip(jax.tree.leaves(custom), jax.tree.leaves(plain), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_same_padding_is_asymmetric_left_floor():

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax import lax
 
 # The size table is shared with the PyTorch twin (`X as X`: re-exported for callers).
 from clef_jax.model_sizes import NET1D_SIZES as NET1D_SIZES
@@ -36,8 +37,46 @@ def same_padding(length: int, kernel_size: int, stride: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
+@jax.custom_vjp
 def swish(x: jax.Array) -> jax.Array:
+    """x * sigmoid(x), with a gradient that keeps only x.
+
+    Why custom: autodiff of x * sigmoid(x) stores the sigmoid as a second activation-sized
+    tensor and reads both back in the backward pass. On CPU the step is bound by memory
+    traffic over activations; recomputing the sigmoid where the gradient is formed is cheaper.
+    """
     return x * jax.nn.sigmoid(x)
+
+
+def _swish_grad(x: jax.Array, g: jax.Array) -> jax.Array:
+    # The barrier stops XLA from merging this sigmoid with the forward pass's (CSE), which
+    # would store it again as an activation-sized tensor.
+    x = lax.optimization_barrier(x)
+    s = jax.nn.sigmoid(x)
+    return g * (s * (1 + x * (1 - s)))
+
+
+swish.defvjp(lambda x: (swish(x), x), lambda x, g: (_swish_grad(x, g),))
+
+
+@jax.custom_vjp
+def bias_swish(y: jax.Array, bias: jax.Array) -> jax.Array:
+    """swish(y + bias) over the last axis, keeping y and bias (not y + bias) for the gradient.
+
+    The sum is recomputed in the backward pass, so the forward is one read of y and one write,
+    and the bias gradient is reduced from the same fused pass.
+    """
+    return swish(y + bias)
+
+
+def _bias_swish_bwd(res: tuple[jax.Array, jax.Array], g: jax.Array
+                    ) -> tuple[jax.Array, jax.Array]:
+    y, bias = lax.optimization_barrier(res)
+    dz = _swish_grad(y + bias, g)
+    return dz, dz.sum(axis=tuple(range(dz.ndim - 1))).astype(bias.dtype)
+
+
+bias_swish.defvjp(lambda y, bias: (bias_swish(y, bias), (y, bias)), _bias_swish_bwd)
 
 
 def shortcut_max_pool(x: jax.Array, kernel_size: int) -> jax.Array:
@@ -139,11 +178,13 @@ class SameConv(nnx.Module):
         if key is not None:
             _fill_torch_default([self], key)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, *, swish_after: bool = False) -> jax.Array:
+        """The convolution plus bias; `swish_after` applies Swish in the same fused pass."""
         padding = same_padding(x.shape[1], self.kernel_size, self.stride)
         y = grouped_conv1d(x, self.kernel[...].astype(x.dtype), stride=self.stride,
                            padding=padding, groups=self.groups)
-        return y + self.bias[...].astype(x.dtype)
+        bias = self.bias[...].astype(x.dtype)
+        return bias_swish(y, bias) if swish_after else y + bias
 
 
 class Dense(nnx.Module):
@@ -179,8 +220,8 @@ class Net1DBlock(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         out = x if self.is_first_block else swish(x)  # stem already applied Swish
-        out = swish(self.conv1(out))
-        out = swish(self.conv2(out))
+        out = self.conv1(out, swish_after=True)
+        out = self.conv2(out, swish_after=True)
         out = self.conv3(out)
         se = swish(self.se_fc1(jnp.mean(out, axis=1)))
         out = out * jax.nn.sigmoid(self.se_fc2(se))[:, None, :]
@@ -262,7 +303,7 @@ class Net1D(nnx.Module):
                     if x.shape[1] == self.in_channels else "")
             raise ValueError(f"Net1D built for {self.in_channels} input channel(s) got input "
                              f"shape {tuple(x.shape)} with {x.shape[-1]} channels{hint}")
-        out = swish(self.first_conv(x.astype(self.dtype)))
+        out = self.first_conv(x.astype(self.dtype), swish_after=True)
         for stage in self.stages:
             for block in stage.blocks:
                 # "block": keep each block's input only and recompute its inside in the

@@ -63,8 +63,8 @@ swish.defvjp(lambda x: (swish(x), x), lambda x, g: (_swish_grad(x, g),))
 def bias_swish(y: jax.Array, bias: jax.Array) -> jax.Array:
     """swish(y + bias) over the last axis, keeping y and bias (not y + bias) for the gradient.
 
-    The sum is recomputed in the backward pass, so the forward is one read of y and one write,
-    and the bias gradient is reduced from the same fused pass.
+    The sum is recomputed in the backward pass, so the forward pass is one read of y and one
+    write, with no activation-sized y + bias or sigmoid stored for later.
     """
     return swish(y + bias)
 
@@ -73,7 +73,9 @@ def _bias_swish_bwd(res: tuple[jax.Array, jax.Array], g: jax.Array
                     ) -> tuple[jax.Array, jax.Array]:
     y, bias = lax.optimization_barrier(res)
     dz = _swish_grad(y + bias, g)
-    return dz, dz.sum(axis=tuple(range(dz.ndim - 1))).astype(bias.dtype)
+    # the bias gradient sums over batch and time: in float32 also when computing in bfloat16
+    db = dz.astype(jnp.float32).sum(axis=tuple(range(dz.ndim - 1)))
+    return dz, db.astype(bias.dtype)
 
 
 bias_swish.defvjp(lambda y, bias: (bias_swish(y, bias), (y, bias)), _bias_swish_bwd)

@@ -407,6 +407,7 @@ def test_swish_gradients_match_autodiff_of_the_formula(dtype, rtol):
                                        rtol=rtol, atol=rtol)
 
 
+@pytest.mark.slow  # two compiles of a Net1D gradient; the Swish VJPs alone run by default
 def test_net1d_gradient_equals_autodiff_of_plain_swish(golden_model, monkeypatch):
     """The whole backbone's gradient with the custom Swish backward vs with plain autodiff."""
     x = jax.random.normal(jax.random.key(3), (2, 300, 1))

@@ -67,15 +67,15 @@ def _worker(args: argparse.Namespace) -> None:
         if args.worker == "jax":
             import jax
 
+            from clef_jax import host_memory
+
             harness.enable_compilation_cache()
             trainer, mesh = harness.jax_trainer(name, size, batch, args.dtype)
             report = trainer.compiled_step_report(batch, args.length)
             step = harness.jax_step_fn(trainer, mesh, batch, args.length)
             flops = report.get("flops_per_step")
-            from clef_jax import host_memory
-
             info = {"framework": "jax", "backend": jax.default_backend(),
-                    "host_malloc_kept": host_memory.configure("auto"),
+                    "host_malloc_kept": host_memory.in_force(),
                     "device": str(jax.devices()[0]), "devices": jax.device_count(),
                     "jax_version": jax.__version__, "dtype": args.dtype,
                     "flops_per_view": flops * jax.device_count() / (2 * batch) if flops else None}

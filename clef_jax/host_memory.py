@@ -64,6 +64,11 @@ def configure(mode: str) -> bool:
     return True
 
 
+def in_force() -> bool:
+    """Whether `configure` has applied the settings in this process."""
+    return _applied
+
+
 def cpu_only() -> bool:
     """Whether JAX will run on the CPU, decided without initialising a backend: the first of
     ``jax_platforms`` (JAX_PLATFORMS) is cpu, or no accelerator plugin is installed."""

@@ -259,18 +259,40 @@ def case_damaged(suite: Suite, r: CaseResult) -> CaseResult:
 
 
 # -- case 4 --------------------------------------------------------------------------------
-FSIZE_LIMIT = 1 << 20  # 1 MiB: below the largest data file of a Net1D-small checkpoint
+# 64 KiB: below every file the step-N save must write (its _METADATA JSON alone is ~115 KB,
+# the largest array 128 KiB), and above every file the run writes before that save
+# (config.json, metrics.jsonl: a few KiB). A limit between the data files' sizes would
+# depend on how TensorStore happens to split them, and once let the save succeed.
+FSIZE_LIMIT = 64 << 10
 
 
-# Sets the limit, then becomes the training process (exec): no preexec_fn, which is unsafe
-# in this multithreaded parent. A write past the limit fails with EFBIG, as a full disk fails
-# with ENOSPC; an ignored SIGXFSZ stays ignored across exec (else the kernel kills the writer).
+# Runs the training process with the limit, relaying its stdout/stderr through pipes: the
+# limit applies to every regular file the process writes, and its log files outgrow 64 KiB
+# (the library tracebacks of the failing write), which would lose the very error line the
+# case checks. preexec_fn is safe here: this small wrapper has a single thread (the
+# multithreaded suite only starts the wrapper). A write past the limit fails with EFBIG, as a
+# full disk fails with ENOSPC; an ignored SIGXFSZ stays ignored across exec (else the kernel
+# would kill the writer).
 _UNDER_FSIZE_LIMIT = """
-import os, resource, signal, sys
+import os, resource, signal, subprocess, sys, threading
 limit = int(sys.argv[1])
-resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
+def limited():
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+def relay(src, dst):
+    for chunk in iter(lambda: os.read(src.fileno(), 1 << 16), b""):
+        dst.buffer.write(chunk)
+        dst.flush()
+child = subprocess.Popen([sys.executable, *sys.argv[2:]], preexec_fn=limited,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+relays = [threading.Thread(target=relay, args=pair)
+          for pair in ((child.stdout, sys.stdout), (child.stderr, sys.stderr))]
+for t in relays:
+    t.start()
+code = child.wait()
+for t in relays:
+    t.join()
+sys.exit(code)
 """
 
 
@@ -278,7 +300,7 @@ def case_disk_full(suite: Suite, r: CaseResult) -> CaseResult:
     r.describe(
         case="4 disk full during save",
         done=f"resume a run from step N-2 in a child whose file-size limit (RLIMIT_FSIZE "
-             f"{FSIZE_LIMIT >> 20} MiB) makes the step-N save fail with EFBIG",
+             f"{FSIZE_LIMIT >> 10} KiB) makes the step-N save fail with EFBIG",
         expected="exit 1 with one `error:` line naming the checkpoint folder; "
                  "step N-2 intact, restorable and bit-identical; no step N")
     reference = suite.reference()

@@ -9,7 +9,8 @@ about 300,000 minor faults and 0.6 s of kernel time per medium step, and the ste
 slower than with the settings below (docs/performance.md). PyTorch's eager tensors are mostly
 below glibc's dynamic mmap threshold and come back from its free lists, so only we paid this.
 
-The settings, made with ``mallopt`` before XLA starts its threads: one arena for all threads
+The settings, made with ``mallopt`` before XLA starts its threads (and never after: see
+``backend_started``): one arena for all threads
 (``M_ARENA_MAX``), no mmap for large blocks (``M_MMAP_MAX`` 0) and no trimming of the heap top
 below 2 GiB (``M_TRIM_THRESHOLD``). Freed blocks stay in the process and the next step reuses
 them, already mapped. The cost: memory freed at the peak is not returned to the system while
@@ -52,6 +53,12 @@ def configure(mode: str) -> bool:
         return True
     if mode == "system" or (mode == "auto" and not cpu_only()):
         return False
+    if backend_started():
+        log.warning(
+            "train.host_malloc=%r not applied: JAX's backend already started in this process "
+            "(training called after other JAX work, e.g. in a notebook or a test session); "
+            "glibc's malloc settings stay as they are", mode)
+        return False
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return False
     libc = ctypes.CDLL(None)
@@ -67,6 +74,21 @@ def configure(mode: str) -> bool:
 def in_force() -> bool:
     """Whether `configure` has applied the settings in this process."""
     return _applied
+
+
+def backend_started() -> bool:
+    """Whether a JAX backend, and with it XLA's threads, already exists in this process.
+
+    The settings must not be changed then. Measured: a Net1D train step on 8 CPU devices
+    deadlocked in a collective (XLA aborts after 40 s) once training had applied them in a
+    process whose backend was already running, and ran fine with them applied first. Our
+    reading of glibc: threads that already have their own arena keep it, and with mmap off
+    such an arena cannot serve a block larger than its 64 MB heaps.
+    """
+    from jax._src import xla_bridge  # no public API tells this without starting a backend
+
+    started = getattr(xla_bridge, "backends_are_initialized", None)
+    return True if started is None else started()  # unknown: assume started, stay safe
 
 
 def cpu_only() -> bool:

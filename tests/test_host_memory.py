@@ -73,6 +73,20 @@ def test_auto_applies_on_the_cpu_backend_only(monkeypatch):
     assert host_memory.configure("system") is False
 
 
+def test_not_applied_once_the_backend_has_started():
+    # Training called after other JAX work in the same process (a notebook, a test session)
+    # must leave glibc alone: changed mid-process the settings deadlocked XLA's collectives.
+    child = ("import jax; jax.devices()\n"
+             "from clef_jax import host_memory\n"
+             "print(host_memory.backend_started(), host_memory.configure('keep'), "
+             "host_memory.in_force())")
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["True", "False", "False"], out.stdout
+    assert "train.host_malloc='keep' not applied: JAX's backend already started" in out.stderr
+
+
 def test_bad_mode_names_the_config_key():
     with pytest.raises(ValueError, match="train.host_malloc: 'big' is not one of auto, keep"):
         host_memory.configure("big")

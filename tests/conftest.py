@@ -69,21 +69,6 @@ def _no_triton_in_pytest_process(request: pytest.FixtureRequest) -> Iterator[Non
                     pytrace=False)
 
 
-# The longest modules first (seconds of test time in a fresh-clone run, 2026-12-01): xdist's
-# --dist loadfile hands whole modules to whichever worker is free, in collection order, so an
-# alphabetical order left test_trainer.py (70 s) to run alone at the end while the other
-# worker idled. Longest-first evens the two workers out (a simulation of that run: 286 s on
-# the busier worker alphabetically, 251 s this way). Modules not listed follow in name order.
-LONGEST_MODULES_FIRST = ("test_trainer.py", "test_resume.py", "test_train.py",
-                         "test_checkpoint.py", "test_export_import.py", "test_data_pipeline.py",
-                         "test_msformer.py")
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    rank = {name: i for i, name in enumerate(LONGEST_MODULES_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: keeps file order
-
-
 @pytest.fixture(scope="session")
 def fixtures_dir() -> pathlib.Path:
     return FIXTURES

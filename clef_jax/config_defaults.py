@@ -62,7 +62,8 @@ def default_config() -> ml_collections.ConfigDict:
         host_transfer_guard="log",
         # glibc malloc for XLA:CPU runs (clef_jax/host_memory.py): "keep" reuses freed blocks
         # instead of re-mapping a step's temporary buffer every step; "auto" does so on the
-        # CPU backend only; "system" leaves glibc's defaults.
+        # CPU backend with one device per process; "system" leaves glibc's defaults. Never
+        # applied once JAX's backend runs in the process (a warning says so).
         host_malloc="auto",
     ))
     c.resume = ml_collections.ConfigDict(dict(

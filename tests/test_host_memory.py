@@ -73,6 +73,18 @@ def test_auto_applies_on_the_cpu_backend_only(monkeypatch):
     assert host_memory.configure("system") is False
 
 
+def test_auto_leaves_simulated_multi_device_cpu_meshes_alone(monkeypatch):
+    # This process has 8 CPU devices (conftest): one arena for all their threads slowed an
+    # 8-device module from 38 s to 66 s, and under load a collective timed out.
+    assert host_memory.cpu_devices_per_process() == 8
+    monkeypatch.setattr(host_memory, "_applied", False)
+    assert host_memory.configure("auto") is False and not host_memory.in_force()
+    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0")
+    assert host_memory.cpu_devices_per_process() == 1
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2 --foo=1")
+    assert host_memory.cpu_devices_per_process() == 2
+
+
 def test_not_applied_once_the_backend_has_started():
     # Training called after other JAX work in the same process (a notebook, a test session)
     # must leave glibc alone: changed mid-process the settings deadlocked XLA's collectives.

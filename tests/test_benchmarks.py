@@ -186,3 +186,23 @@ def test_train_step_quick_smoke(tmp_path: pathlib.Path) -> None:
     assert isinstance(r["busy"], bool) and len(r["load_average_after"]) == 3
     assert r["host"]["input_pipeline"] == {"skipped": "--no-input"}
     assert "| net1d small | 4 |" in r["markdown"]
+
+
+@pytest.mark.slow
+def test_matmul_quick_smoke(tmp_path: pathlib.Path) -> None:
+    """Both workers answer every round, and the ratio is the ratio of the two medians."""
+    out = tmp_path / "matmul.json"
+    done = subprocess.run([sys.executable, str(BENCH / "matmul.py"), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, env=_env(), timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert r["rounds"] == 2 and [row["shape"] for row in r["rows"]] == [[2048, 64, 64],
+                                                                         [512, 256, 256]]
+    for row in r["rows"]:
+        for kind in ("forward", "weight_grad"):
+            jax_gflops, torch_gflops = row["jax"][kind], row["torch"][kind]
+            assert jax_gflops["n"] == torch_gflops["n"] == 2 and jax_gflops["min"] > 0
+            assert row["jax_over_torch"][kind] == pytest.approx(
+                jax_gflops["median"] / torch_gflops["median"])
+    assert r["workers"]["torch"]["threads"] >= 1 and r["workers"]["jax"]["backend"] == "cpu"
+    assert "| (2048, 64, 64) |" in r["markdown"]

@@ -57,8 +57,8 @@ def configure(mode: str) -> bool:
         return False
     if mode == "auto" and cpu_devices_per_process() > 1:
         # Several CPU devices in one process (tests, a simulated mesh): their threads would
-        # all take the one arena's lock. Measured: a module of 8-device steps took 66 s
-        # instead of 38 s, and under load a collective timed out (XLA aborts after 40 s).
+        # all take the one arena's lock. Measured once each: a test module of 8-device steps
+        # took 66 s with the settings applied first, 38 s without.
         return False
     if backend_started():
         log.warning(
@@ -86,9 +86,10 @@ def in_force() -> bool:
 def backend_started() -> bool:
     """Whether a JAX backend, and with it XLA's threads, already exists in this process.
 
-    The settings must not be changed then. Measured: a Net1D train step on 8 CPU devices
-    deadlocked in a collective (XLA aborts after 40 s) once training had applied them in a
-    process whose backend was already running, and ran fine with them applied first. Our
+    The settings must not be changed then. Measured: in one pytest process, a Net1D train step
+    on 8 CPU devices stalled in a collective (XLA aborts after 40 s) after an earlier in-process
+    `pretrain` had applied them with the backend already running; with that call made a no-op,
+    or with the settings applied before the backend started, the same tests passed. Our
     reading of glibc: threads that already have their own arena keep it, and with mmap off
     such an arena cannot serve a block larger than its 64 MB heaps.
     """

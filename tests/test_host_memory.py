@@ -75,7 +75,7 @@ def test_auto_applies_on_the_cpu_backend_only(monkeypatch):
 
 def test_auto_leaves_simulated_multi_device_cpu_meshes_alone(monkeypatch):
     # This process has 8 CPU devices (conftest): one arena for all their threads slowed an
-    # 8-device module from 38 s to 66 s, and under load a collective timed out.
+    # 8-device test module from 38 s to 66 s.
     assert host_memory.cpu_devices_per_process() == 8
     monkeypatch.setattr(host_memory, "_applied", False)
     assert host_memory.configure("auto") is False and not host_memory.in_force()

@@ -34,6 +34,9 @@ def _listing(directory):
     return sorted((p.name, p.stat().st_mtime_ns) for p in directory.iterdir())
 
 
+# Slow set: four pretrain runs (37 s); the default suite keeps the strict restore checks of
+# test_checkpoint (another model or state tree is refused) and the loop's own tests.
+@pytest.mark.slow
 def test_resume_refuses_another_model_or_data_stream(ptbxl_dataset, tmp_path):
     run = tmp_path / "run"
     pretrain(_config(ptbxl_dataset), run)

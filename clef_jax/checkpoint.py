@@ -59,8 +59,31 @@ def checkpoint_dir(path: str | os.PathLike) -> epath.Path:
     return path / "checkpoints" if (path / "checkpoints").is_dir() else path
 
 
+def _save_arrays_whole_on_cpu() -> None:
+    """On the CPU backend, copy each array to the host whole, from one replica.
+
+    Why: Orbax's default (replica-parallel saving, off only when JAX_PLATFORMS names a GPU)
+    cuts every replicated array into one slice per replica before the device-to-host copy,
+    and each slice shape is a program XLA compiles. CPU devices share the host's memory, so
+    the slices buy nothing there: a 6-step run with 3 saves on 8 CPU devices compiled 238
+    programs with them and 6 without (compile time 51.5 s against 35.6 s). What is written
+    is the same either way. Accelerator backends keep Orbax's default.
+    """
+    if jax.default_backend() != "cpu":
+        return
+    try:  # the store Orbax's own default handler is built with; a private module
+        from orbax.checkpoint._src.metadata import array_metadata_store
+    except ImportError:  # another Orbax layout: keep its default
+        return
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(
+            array_metadata_store=array_metadata_store.Store(), use_replica_parallel=False),
+        override=True)
+
+
 def make_manager(directory: str | os.PathLike, *, max_to_keep: int | None = 3,
                  async_save: bool = True, create: bool = True) -> ocp.CheckpointManager:
+    _save_arrays_whole_on_cpu()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=create, enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True)

@@ -230,3 +230,31 @@ def test_full_disk_on_save_is_one_clear_error_and_keeps_earlier_steps(tmp_path):
     restored, meta = checkpoint.load_model_state(tmp_path / "ckpt")
     assert meta["step"] == 1
     np.testing.assert_array_equal(restored["w"], np.ones(16, np.float32))
+
+
+def test_cpu_saves_copy_replicated_arrays_whole_without_compiling_slices(tmp_path, eight_devices):
+    # Orbax's replica-parallel default would cut each array replicated on 8 CPU devices into 8
+    # slices before the host copy, every slice shape a compiled program (232 of a 6-step
+    # run's 238 compiles). Each shape here is new to this process, so any slicing compiles.
+    mesh = jax.sharding.Mesh(np.array(eight_devices), ("data",))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state = {f"w{i}": jax.device_put(np.arange(8 * (1000 + 37 * i), dtype=np.float32) * 0.5,
+                                     replicated) for i in range(5)}
+    compiles = []
+
+    def listener(event, _secs, **_kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    manager = checkpoint.make_manager(tmp_path / "ckpt", async_save=False)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        checkpoint.save(manager, 1, model_state=state, optimizer_state=None, meta={})
+        checkpoint.wait(manager)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
+    model, meta = checkpoint.load_model_state(tmp_path / "ckpt")
+    assert meta["step"] == 1
+    for name, value in state.items():
+        np.testing.assert_array_equal(model[name], np.asarray(value))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import hashlib
 import logging
 import os
@@ -59,6 +60,7 @@ def checkpoint_dir(path: str | os.PathLike) -> epath.Path:
     return path / "checkpoints" if (path / "checkpoints").is_dir() else path
 
 
+@functools.cache  # one registration per process; make_manager is called per directory
 def _save_arrays_whole_on_cpu() -> None:
     """On the CPU backend, copy each array to the host whole, from one replica.
 

@@ -244,16 +244,23 @@ def test_init_follows_pytorch_default_bounds(small12_model):
 
 
 def test_eager_init_equals_traced_init():
-    # Eager init batches draws for speed; traced (jit / sharded) init draws per array.
-    # Both must give the same numbers, or a seed would mean different weights per path.
-    from clef_jax.models.net1d import _torch_default_values
+    # Eager init pads each draw to a power of two; traced (jit / sharded) init batches the
+    # small arrays' draws and keeps one draw per large array. Both must give the numbers of
+    # the definition, array i ~ U(+-1/sqrt(fan_in)) drawn from fold_in(key, i), or a seed
+    # would mean different weights per path.
+    from clef_jax.models.net1d import _SHARED_DRAW_MAX, _torch_default_values, _unit_uniform
 
-    specs = (((16, 4, 32), 64), ((32,), 64), ((1, 32, 32), 32), ((3,), 3), ((2048,), 9))
+    large = (2, _SHARED_DRAW_MAX // 2 + 3)  # over the limit: a draw of its own
+    specs = (((16, 4, 32), 64), ((32,), 64), ((1, 32, 32), 32), ((3,), 3), ((2048,), 9),
+             (large, 5), ((4,), 7))  # 2048 and 4 elements: two pairs that share a draw
     key = jax.random.key(11)
     eager = _torch_default_values(key, specs)
     traced = jax.jit(_torch_default_values, static_argnums=1)(key, specs)
-    for (shape, fan_in), a, b in zip(specs, eager, traced, strict=True):
-        assert a.shape == shape and np.array_equal(a, b)
+    for i, ((shape, fan_in), a, b) in enumerate(zip(specs, eager, traced, strict=True)):
+        by_definition = _unit_uniform(jax.random.fold_in(key, i), shape) * np.float32(
+            1 / math.sqrt(fan_in))
+        assert a.shape == shape and np.array_equal(a, b), i
+        assert np.array_equal(a, by_definition), i
         assert np.abs(a).max() <= 1 / math.sqrt(fan_in)
 
 

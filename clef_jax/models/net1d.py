@@ -106,26 +106,62 @@ def _abstract_f32(*shape: int) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(shape, jnp.float32)
 
 
+# Traced, arrays of at most this many elements share draws (see `_drawn_in_batches`); larger
+# ones keep a draw of their own, which the partitioner shards like the array itself.
+_SHARED_DRAW_MAX = 1 << 16
+
+
 def _torch_default_values(key: jax.Array, specs: tuple[tuple[tuple[int, ...], int], ...]):
     """PyTorch's default Conv1d/Linear init: array i ~ U(+-1/sqrt(fan_in)) from fold_in(key, i).
 
     (kaiming_uniform_(a=sqrt(5)) for weights and PyTorch's bias rule both reduce to that.)
-    Traced (jit, eval_shape, sharded init) each array is its own draw, which the SPMD
-    partitioner shards cleanly. Eagerly that would compile one threefry kernel per distinct
-    shape (tens of seconds on CPU), so each array is instead the prefix of a draw whose length
-    is rounded up to a power of two: partitionable threefry makes element j depend on the key
-    and j alone, so the numbers are the same and only a few kernels are compiled.
+    Partitionable threefry makes element j of a draw depend on the key and j alone, so array i
+    is also the prefix of any longer draw from its key. Both paths use that to compile few
+    kernels: eagerly each array is the prefix of a draw whose length is rounded up to a power
+    of two (one kernel per distinct length, not per shape); traced (jit, eval_shape, the
+    sharded init), `_drawn_in_batches`. The numbers are the same either way.
     """
     scales = [np.float32(1.0 / math.sqrt(fan_in)) for _, fan_in in specs]
-    keys = [jax.random.fold_in(key, i) for i in range(len(specs))]
-    if isinstance(key, jax.core.Tracer) or not jax.config.jax_threefry_partitionable:
+    if not jax.config.jax_threefry_partitionable:
+        keys = [jax.random.fold_in(key, i) for i in range(len(specs))]
         return [_unit_uniform(k, s) * c for k, (s, _), c in zip(keys, specs, scales, strict=True)]
+    if isinstance(key, jax.core.Tracer):
+        return _drawn_in_batches(key, specs, scales)
     out = []
-    for k, (shape, _), c in zip(keys, specs, scales, strict=True):
-        n = math.prod(shape)
-        u = np.asarray(_unit_uniform(k, (1 << (n - 1).bit_length(),)))
-        out.append(jnp.asarray(u[:n].reshape(shape) * c))
+    for i, ((shape, _), c) in enumerate(zip(specs, scales, strict=True)):
+        u = np.asarray(_unit_uniform(jax.random.fold_in(key, i), (_pow2_at_least(shape),)))
+        out.append(jnp.asarray(u[:math.prod(shape)].reshape(shape) * c))
     return out
+
+
+def _drawn_in_batches(key: jax.Array, specs: tuple[tuple[tuple[int, ...], int], ...],
+                      scales: list[np.float32]) -> list[jax.Array]:
+    """The traced init's draws: one vmapped fold_in, one vmapped draw per power-of-two length.
+
+    One threefry computation per array made the sharded init of Net1D small a program of
+    about 1,400 fusions, slower to compile (6-10 s on CPU) than the train step itself; this
+    one has about 270. Only small arrays share draws, so a large model's state is still born
+    sharded: no device ever holds a whole large kernel.
+    """
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(len(specs), dtype=jnp.uint32))
+    out: list[jax.Array | None] = [None] * len(specs)
+    sharing: dict[int, list[int]] = {}
+    for i, (shape, _) in enumerate(specs):
+        if math.prod(shape) > _SHARED_DRAW_MAX:
+            out[i] = _unit_uniform(keys[i], shape) * scales[i]
+        else:
+            sharing.setdefault(_pow2_at_least(shape), []).append(i)
+    for length, members in sharing.items():
+        rows = jax.vmap(lambda k, n=length: _unit_uniform(k, (n,)))(keys[np.asarray(members)])
+        rows = rows * np.asarray([scales[i] for i in members], np.float32)[:, None]
+        for row, i in enumerate(members):
+            shape = specs[i][0]
+            out[i] = rows[row, :math.prod(shape)].reshape(shape)
+    return out
+
+
+def _pow2_at_least(shape: tuple[int, ...]) -> int:
+    return 1 << (math.prod(shape) - 1).bit_length()
 
 
 def _unit_uniform(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:

@@ -116,7 +116,8 @@ def step_report(config: ml_collections.ConfigDict, devices: Sequence[Any], lengt
     The mesh is `config.mesh` over exactly these devices (one -1 entry takes the rest).
     FLOPs: "compiled_flops_per_device" is the partitioned per-device program (what each chip
     executes, replicated work included); "train/forward_flops_per_view" come from the
-    un-partitioned programs where the backend gives them (CPU does, a TPU topology does not).
+    un-partitioned programs where the backend gives them (CPU does, a TPU topology does not:
+    there the train FLOPs are counted on one CPU device, and the forward FLOPs are None).
     """
     validate(config)
     mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes, devices=list(devices))
@@ -151,7 +152,9 @@ def step_report(config: ml_collections.ConfigDict, devices: Sequence[Any], lengt
         "alias_bytes_per_device": alias,
         # The donated state is both argument and output: count it once.
         "peak_bytes_per_device": arg + out + temp - alias,
-        "forward_flops_per_view": step.get("forward_flops", 0.0) / views,
+        # None where the backend gives no cost analysis (a TPU topology), not a false 0.
+        "forward_flops_per_view": (step["forward_flops"] / views if "forward_flops" in step
+                                   else None),
         "train_flops_per_view": step.get("train_flops", 0.0) / views,
         "compiled_flops_per_device": step.get("flops_per_step", 0.0),
     }

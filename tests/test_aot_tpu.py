@@ -56,6 +56,8 @@ def test_small_config_fits_small_topology() -> None:
     # The train FLOPs per view come from the CPU-lowered model; the compiled per-device
     # program does at least its share of them (replicated optimiser work comes on top).
     assert report["train_flops_per_view"] > 0
+    # The topology gives no cost analysis of the forward program: unknown, not 0.
+    assert report["forward_flops_per_view"] is None
     share = report["train_flops_per_view"] * report["views"] / 4
     assert report["compiled_flops_per_device"] >= 0.5 * share
     expected = report["compiled_flops_per_device"] / (197e12 * 0.5)

@@ -62,8 +62,8 @@ def _state_with_distinct_values(trainer, seed=0):
     """The trainer's state with every array refilled with random values, shardings kept.
 
     A stronger restore check than a state after a few steps (where most Adam moments are
-    tiny and the step counter small), and no train step to compile: every element differs,
-    so a leaf restored into the wrong place or from the wrong shard cannot go unnoticed.
+    tiny and the step counter small), and no train step to compile: the float values are all
+    distinct, so a leaf restored into the wrong place or from the wrong shard is noticed.
     """
     rng = np.random.default_rng(seed)
 
